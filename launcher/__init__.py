@@ -1,0 +1,1 @@
+"""pytgi launcher: spawns and supervises shards and the router."""

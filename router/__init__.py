@@ -1,0 +1,1 @@
+"""pytgi router: HTTP API, tokenization, queue, continuous batching, KV block ownership."""

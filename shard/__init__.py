@@ -1,0 +1,1 @@
+"""pytgi shard: one model process per device, serving the TextGenerationService over gRPC."""

@@ -1,0 +1,1 @@
+"""Shared layers, tensor-parallel aware (world size 1 is the plain case)."""

@@ -1,0 +1,245 @@
+"""Batch: per-request state of a cached batch, from_pb / filter / concatenate / to_pb, and the
+tensors of one step.
+
+A request's sequence is prompt_ids + output_ids. `num_computed` tokens of it have K/V in the
+cache; a step computes the next `step_len` tokens (a prompt chunk, or the one token sampled last
+step) and samples a new token only if that reaches the end of the known sequence. Prefill,
+chunked prefill, prefix hits (`cache_len`) and decode are therefore one code path.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from shard.attention import AttentionMetadata, SeqStep, build_metadata
+from shard.pb import generate_pb2 as pb
+from shard.sampling import Sampler, SampleOutput, SamplingParams
+
+_SEEDS = random.SystemRandom()
+
+
+@dataclass(slots=True)
+class RequestState:
+    id: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    blocks: list[int]
+    slots: list[int] | None  # explicit slots (health probe); None: derived from blocks
+    num_computed: int  # tokens of prompt + output whose K/V are in the cache
+    chunk_len: int | None  # prompt tokens to compute next step; None: all remaining
+    max_new_tokens: int
+    stop_token_ids: frozenset[int]
+    ignore_eos: bool
+    prefill_logprobs: bool
+    top_n_tokens: int
+    seed: int | None  # reported back for sampling requests
+    prompt_logprobs: list[float]  # filled while prefilling when prefill_logprobs is set
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    @property
+    def step_len(self) -> int:
+        remaining = self.seq_len - self.num_computed
+        if self.is_prefilling and self.chunk_len:
+            return min(self.chunk_len, remaining)
+        return remaining
+
+    def step_tokens(self) -> list[int]:
+        start, prompt_len = self.num_computed, len(self.prompt_ids)
+        if start < prompt_len:
+            return self.prompt_ids[start : start + self.step_len]
+        return self.output_ids[start - prompt_len :]
+
+
+def _params_from_pb(p: pb.NextTokenChooserParameters, top_n: int, seed: int) -> SamplingParams:
+    return SamplingParams(
+        temperature=p.temperature if p.temperature else 1.0,
+        top_k=p.top_k,
+        top_p=p.top_p if p.top_p else 1.0,
+        typical_p=p.typical_p if p.typical_p else 1.0,
+        min_p=p.min_p,
+        do_sample=p.do_sample,
+        seed=seed,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty else 1.0,
+        frequency_penalty=p.frequency_penalty,
+        presence_penalty=p.presence_penalty,
+        logit_bias=tuple(sorted(p.logit_bias.items())),
+        watermark=p.watermark,
+        top_n_tokens=top_n,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logits_index: torch.Tensor  # [N] flattened-token indices whose logits are computed
+    sample_rows: list[int]  # batch rows that sample a token this step
+    sample_logits: list[int]  # their line in the logits
+    # (row, first logits line, number of lines) of requests collecting prompt logprobs
+    prompt_logit_spans: list[tuple[int, int, int]]
+
+
+class Batch:
+    def __init__(self, batch_id: int, requests: list[RequestState], sampler: Sampler):
+        self.id = batch_id
+        self.requests = requests
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @classmethod
+    def from_pb(cls, batch: pb.Batch, vocab_size: int, device: torch.device) -> "Batch":
+        requests, params = [], []
+        for r in batch.requests:
+            if r.parameters.grammar:
+                raise ValueError(f"request {r.id}: grammar-constrained decoding is not supported by this shard")
+            if not r.input_ids:
+                raise ValueError(f"request {r.id}: empty input_ids")
+            if r.cache_len >= len(r.input_ids):
+                raise ValueError(f"request {r.id}: cache_len {r.cache_len} must be < prompt length {len(r.input_ids)}")
+            seed = r.parameters.seed if r.parameters.has_seed else _SEEDS.getrandbits(63)
+            p = _params_from_pb(r.parameters, r.top_n_tokens, seed)
+            requests.append(RequestState(
+                id=r.id, prompt_ids=list(r.input_ids), output_ids=[], blocks=list(r.blocks),
+                slots=list(r.slots) or None, num_computed=r.cache_len,
+                chunk_len=r.chunk_len if r.HasField("chunk_len") else None,
+                max_new_tokens=r.stopping_parameters.max_new_tokens,
+                stop_token_ids=frozenset(r.stopping_parameters.stop_token_ids),
+                ignore_eos=r.stopping_parameters.ignore_eos_token, prefill_logprobs=r.prefill_logprobs,
+                top_n_tokens=r.top_n_tokens, seed=None if p.is_greedy else seed,
+                prompt_logprobs=[math.nan] * (r.cache_len + 1) if r.prefill_logprobs else [],
+            ))
+            params.append(p)
+        sampler = Sampler.build(params, [s.prompt_ids for s in requests], [[] for _ in requests], vocab_size, device)
+        return cls(batch.id, requests, sampler)
+
+    def filter(self, request_ids: list[int]) -> "Batch":
+        index = {r.id: i for i, r in enumerate(self.requests)}
+        missing = [i for i in request_ids if i not in index]
+        if missing:
+            raise ValueError(f"batch {self.id} has no requests {missing}")
+        keep = [index[i] for i in request_ids]
+        return Batch(self.id, [self.requests[i] for i in keep], self.sampler.filter(keep))
+
+    @classmethod
+    def concatenate(cls, batches: list["Batch"], batch_id: int) -> "Batch":
+        requests = [r for b in batches for r in b.requests]
+        return cls(batch_id, requests, Sampler.concatenate([b.sampler for b in batches]))
+
+    def apply_updates(self, updates) -> None:
+        by_id = {r.id: r for r in self.requests}
+        for update in updates:
+            request = by_id.get(update.request_id)
+            if request is None:
+                continue  # the update is for another batch of the same step
+            request.blocks.extend(update.new_blocks)
+            if update.HasField("chunk_len"):
+                request.chunk_len = update.chunk_len
+
+    def to_pb(self, block_size: int) -> pb.CachedBatch:
+        return pb.CachedBatch(
+            id=self.id,
+            request_ids=[r.id for r in self.requests],
+            size=len(self.requests),
+            max_tokens=sum(len(r.blocks) for r in self.requests) * block_size,
+            current_tokens=sum(r.step_len for r in self.requests),
+        )
+
+    def prepare(self, block_size: int, device: torch.device, flash: bool) -> StepInputs:
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[SeqStep] = []
+        logits_index: list[int] = []
+        sample_rows, sample_logits, spans = [], [], []
+        for row, r in enumerate(self.requests):
+            start, n = r.num_computed, r.step_len
+            if n <= 0:
+                raise ValueError(f"request {r.id} has nothing to compute")
+            needed = -(-(start + n) // block_size)
+            if r.slots is None and len(r.blocks) < needed:
+                raise ValueError(f"request {r.id}: {len(r.blocks)} blocks cannot hold {start + n} tokens")
+            first = len(tokens)
+            tokens += r.step_tokens()
+            positions += range(start, start + n)
+            seqs.append(SeqStep(n, start + n, r.blocks, r.slots))
+            if r.prefill_logprobs and r.is_prefilling:
+                spans.append((row, len(logits_index), n))
+                logits_index += range(first, first + n)
+            elif start + n == r.seq_len:
+                logits_index.append(first + n - 1)
+            if start + n == r.seq_len:
+                sample_rows.append(row)
+                sample_logits.append(len(logits_index) - 1)
+        return StepInputs(
+            input_ids=torch.tensor(tokens, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            meta=build_metadata(seqs, block_size, device, flash),
+            logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
+            sample_rows=sample_rows,
+            sample_logits=sample_logits,
+            prompt_logit_spans=spans,
+        )
+
+    def record_prompt_logprobs(self, inputs: StepInputs, logits: torch.Tensor) -> None:
+        """Logprob of each prompt token computed this step, from the previous position's logits."""
+        for row, first, count in inputs.prompt_logit_spans:
+            r = self.requests[row]
+            start = r.num_computed
+            targets = r.prompt_ids[start + 1 : start + count + 1]  # the last line predicts a new token
+            lines = logits[first : first + len(targets)].log_softmax(-1)
+            picked = lines.gather(1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(1)
+            r.prompt_logprobs += picked.tolist()
+
+    def advance(self, inputs: StepInputs, out: SampleOutput | None, eos_ids: frozenset[int]) -> list[pb.Generation]:
+        """Account the computed tokens, append sampled ones, stop finished requests."""
+        for r in self.requests:
+            r.num_computed += r.step_len
+            r.chunk_len = None  # a further chunk size arrives as a RequestUpdate, if at all
+        if out is None:
+            return []
+        ids, logprobs = out.next_ids.tolist(), out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        generations = []
+        for i, row in enumerate(inputs.sample_rows):
+            r = self.requests[row]
+            token = ids[i]
+            r.output_ids.append(token)
+            generation = pb.Generation(request_id=r.id, tokens=pb.Tokens(ids=[token], logprobs=[logprobs[i]]))
+            if r.prefill_logprobs and len(r.output_ids) == 1:
+                generation.prefill_tokens.CopyFrom(pb.Tokens(ids=r.prompt_ids, logprobs=r.prompt_logprobs))
+            if r.top_n_tokens and top_ids is not None:
+                n = r.top_n_tokens
+                generation.top_tokens.append(pb.Tokens(ids=top_ids[i][:n], logprobs=top_lps[i][:n]))
+            reason = _finish_reason(r, token, eos_ids)
+            if reason is not None:
+                generation.finished.CopyFrom(pb.FinishInfo(
+                    generated_tokens=len(r.output_ids), finish_reason=reason, seed=r.seed))
+                if r.seed is None:
+                    generation.finished.ClearField("seed")
+            generations.append(generation)
+        return generations
+
+
+def _finish_reason(r: RequestState, token: int, eos_ids: frozenset[int]) -> int | None:
+    # The model's own stop wins over the length limit when both happen on the same token.
+    if token in eos_ids and not r.ignore_eos:
+        return pb.FINISH_REASON_EOS_TOKEN
+    if token in r.stop_token_ids:
+        return pb.FINISH_REASON_STOP_SEQUENCE
+    if len(r.output_ids) >= r.max_new_tokens:
+        return pb.FINISH_REASON_LENGTH
+    return None

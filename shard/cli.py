@@ -1,0 +1,110 @@
+"""`text-generation-server`: `serve` a model over gRPC, or `download-weights` (resolve/convert only)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+
+log = logging.getLogger("shard")
+
+
+@click.group()
+def main() -> None:
+    """pytgi shard server."""
+
+
+def _common(fn):
+    fn = click.argument("model_id", required=False, default=None, envvar="MODEL_ID")(fn)
+    fn = click.option("--revision", envvar="REVISION", default=None, help="Hub revision (branch, tag or commit).")(fn)
+    fn = click.option("--trust-remote-code", is_flag=True, envvar="TRUST_REMOTE_CODE", help="Allow custom modeling code.")(fn)
+    fn = click.option("--json-output", is_flag=True, envvar="JSON_OUTPUT", help="Log JSON lines on stdout.")(fn)
+    fn = click.option("--logger-level", default="INFO", envvar="LOG_LEVEL", show_default=True)(fn)
+    return fn
+
+
+@main.command()
+@_common
+@click.option("--uds-path", default="/tmp/text-generation-server", envvar="SHARD_UDS_PATH", show_default=True,
+              help="Socket path prefix; rank r listens on {uds-path}-{r}.")
+@click.option("--sharded", is_flag=True, envvar="SHARDED", help="Join a tensor-parallel group (RANK/WORLD_SIZE env).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, envvar="DTYPE",
+              help="Weights dtype (default: float32 on CPU, float16 on CUDA).")
+@click.option("--block-size", type=int, default=None, envvar="BLOCK_SIZE", help="Tokens per KV block (default 16; 256 with flash-attn).")
+def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_path, sharded, dtype, block_size):
+    """Load MODEL_ID (default: the bundled SmolLM2-135M-Instruct) and serve it over gRPC."""
+    from shard.config import build_config
+    from shard.log import setup_logging
+
+    try:
+        config = build_config(
+            model_id, revision=revision, uds_path=uds_path, sharded=sharded, dtype=dtype,
+            trust_remote_code=trust_remote_code, json_output=json_output, log_level=logger_level,
+            block_size=block_size,
+        )
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    setup_logging(config.log_level, config.json_output, config.rank)
+    engine = _load(config)
+    from shard.server import serve as serve_grpc
+
+    asyncio.run(serve_grpc(engine, config.uds_path, config.rank, config.world_size))
+
+
+def _load(config):
+    """Resolve, load and wrap the model; a user error is one line on stderr and exit 1."""
+    import torch
+
+    from shard.distributed import init_tp_group
+    from shard.engine import Engine
+    from shard.model_source import ModelSourceError, resolve_model
+    from shard.models import UnsupportedModelError, get_model
+    from shard.models.base import ModelContext
+
+    torch.set_num_threads(config.num_threads)
+    try:
+        source = resolve_model(
+            config.model_id, revision=config.revision, cache_dir=config.cache_dir,
+            hub_cache_dir=config.hub_cache_dir, offline=config.offline,
+            trust_remote_code=config.trust_remote_code, progress=log.info,
+        )
+        tp = init_tp_group(config)
+        ctx = ModelContext(tp, config.device, config.dtype, config.block_size, config.trust_remote_code)
+        model = get_model(source.path, ctx)
+    except (ModelSourceError, UnsupportedModelError, FileNotFoundError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+    log.info("loaded %s (%s, %s) from %s", source.model_id, model.info.impl, config.dtype, source.path)
+    return Engine(config, model, tp, source.path)
+
+
+@main.command("download-weights")
+@_common
+def download_weights(model_id, revision, trust_remote_code, json_output, logger_level):
+    """Resolve MODEL_ID into a local folder (download or GGUF conversion) and print its path."""
+    from shard.config import build_config
+    from shard.log import setup_logging
+    from shard.model_source import ModelSourceError, resolve_model
+
+    config = build_config(
+        model_id, revision=revision, uds_path="", sharded=False, dtype=None,
+        trust_remote_code=trust_remote_code, json_output=json_output, log_level=logger_level,
+    )
+    setup_logging(config.log_level, config.json_output, 0)
+    try:
+        source = resolve_model(
+            config.model_id, revision=config.revision, cache_dir=config.cache_dir,
+            hub_cache_dir=config.hub_cache_dir, offline=config.offline,
+            trust_remote_code=config.trust_remote_code, progress=log.info,
+        )
+    except ModelSourceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    print(source.path)
+
+
+if __name__ == "__main__":
+    main()

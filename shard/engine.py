@@ -1,0 +1,182 @@
+"""Engine: owns the model, the KV cache and the cached batches; runs prefill / decode steps.
+
+Every RPC that computes lands in `_step`: prepare ragged inputs → forward → sample → advance →
+drop finished requests → cache the batch. The router owns KV blocks; the engine only obeys.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from shard.attention import FlashAttnBackend
+from shard.batch import Batch
+from shard.config import ShardConfig
+from shard.distributed import TPGroup
+from shard.kv_cache import KVCache, available_memory
+from shard.models.base import CausalLM
+from shard.pb import generate_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, config: ShardConfig, model: CausalLM, tp: TPGroup, model_path: Path):
+        self.config = config
+        self.model = model
+        self.tp = tp
+        self.model_path = model_path
+        self.info = model.info
+        self.block_size = model.info.kv_spec.block_size
+        self.eos_ids = frozenset(model.info.eos_token_ids)
+        self.flash = isinstance(model.backend, FlashAttnBackend)
+        self.kv_cache: KVCache | None = None
+        self.batches: dict[int, Batch] = {}
+
+    # -- RPCs ---------------------------------------------------------------------------------
+
+    def get_info(self) -> pb.InfoResponse:
+        info = self.info
+        response = pb.InfoResponse(
+            requires_padding=False, dtype=str(self.config.dtype), device_type=self.config.device.type,
+            speculate=0, support_chunking=True, use_prefix_caching=True,
+            attention_impl=self.model.backend.name, block_size=self.block_size, vocab_size=info.vocab_size,
+            max_position_embeddings=info.max_position_embeddings, eos_token_ids=list(info.eos_token_ids),
+            model_path=str(self.model_path), model_impl=info.impl, world_size=self.tp.world_size,
+        )
+        if info.window_size:
+            response.window_size = info.window_size
+        return response
+
+    def prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
+        start = time.perf_counter_ns()
+        batch = Batch.from_pb(request.batch, self.info.vocab_size, self.config.device)
+        concat_ns = None
+        if request.HasField("cached_batch"):
+            concat_start = time.perf_counter_ns()
+            cached = self._pop(request.cached_batch.id)
+            cached.apply_updates(request.updates)
+            batch = Batch.concatenate([cached, batch], request.batch.id)
+            concat_ns = time.perf_counter_ns() - concat_start
+        return self._step(batch, start, concat_ns, pb.PrefillResponse)
+
+    def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
+        start = time.perf_counter_ns()
+        if not request.batches:
+            raise ValueError("Decode needs at least one batch")
+        batches = [self._pop(b.id) for b in request.batches]
+        for batch in batches:
+            batch.apply_updates(request.updates)
+        concat_ns = None
+        if len(batches) > 1:
+            concat_start = time.perf_counter_ns()
+            batch = Batch.concatenate(batches, batches[0].id)
+            concat_ns = time.perf_counter_ns() - concat_start
+        else:
+            batch = batches[0]
+        return self._step(batch, start, concat_ns, pb.DecodeResponse)
+
+    def filter_batch(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch:
+        batch = self._pop(batch_id).filter(list(request_ids))
+        self.batches[batch_id] = batch
+        return batch.to_pb(self.block_size)
+
+    def clear_cache(self, batch_id: int | None) -> None:
+        if batch_id is None:
+            self.batches.clear()
+        else:
+            self.batches.pop(batch_id, None)
+
+    def health(self) -> None:
+        # A real (tiny) computation on the device: a wedged CUDA context fails here.
+        probe = torch.ones(2, device=self.config.device) * 2
+        if float(probe.sum()) != 4.0:
+            raise RuntimeError("device returned a wrong result")
+
+    def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
+        """Run the largest prefill the router will send (on a temporary cache), then size the
+        real KV cache from `max_batch_total_tokens` or the memory budget."""
+        spec, bs = self.info.kv_spec, self.block_size
+        self.kv_cache = None
+        self.batches.clear()
+        batch = request.batch
+        if batch.requests:
+            blocks_needed = 1 + sum(-(-(len(r.input_ids) + 1) // bs) for r in batch.requests)
+            self.kv_cache = KVCache(spec, blocks_needed, self.config.device)
+            next_block = 1
+            for r in batch.requests:
+                if not r.blocks:
+                    count = -(-(len(r.input_ids) + 1) // bs)
+                    r.blocks.extend(range(next_block, next_block + count))
+                    next_block += count
+                r.stopping_parameters.max_new_tokens = min(r.stopping_parameters.max_new_tokens or 2, 2)
+            try:
+                response = self.prefill(pb.PrefillRequest(batch=batch))
+                if response.HasField("batch"):
+                    self.decode(pb.DecodeRequest(batches=[response.batch]))
+            except torch.OutOfMemoryError as error:
+                raise RuntimeError(
+                    f"not enough memory to handle {request.max_prefill_tokens} prefill tokens; "
+                    "decrease --max-batch-prefill-tokens"
+                ) from error
+            finally:
+                self.batches.clear()
+                self.kv_cache = None
+        if request.HasField("max_batch_total_tokens"):
+            num_blocks = 1 + -(-request.max_batch_total_tokens // bs)
+        else:
+            budget = int(available_memory(self.config.device) * self.config.memory_fraction)
+            num_blocks = budget // spec.bytes_per_block
+            # Sharded ranks must agree on one size: take the smallest budget.
+            num_blocks = int(self.tp.all_reduce_min(torch.tensor([num_blocks])).item())
+        if num_blocks < 2:
+            raise RuntimeError("not enough memory for a KV cache of even one block")
+        self.kv_cache = KVCache(spec, num_blocks, self.config.device)
+        capacity = (num_blocks - 1) * bs
+        max_total = request.max_total_tokens if request.HasField("max_total_tokens") else min(
+            self.info.max_position_embeddings, capacity)
+        max_input = request.max_input_tokens if request.HasField("max_input_tokens") else max_total - 1
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB), capacity %d tokens",
+                 num_blocks, bs, self.kv_cache.nbytes / 2**20, capacity)
+        return pb.WarmupResponse(
+            max_supported_total_tokens=capacity, max_input_tokens=max_input, max_total_tokens=max_total,
+            num_blocks=num_blocks, block_size=bs,
+        )
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def _pop(self, batch_id: int) -> Batch:
+        batch = self.batches.pop(batch_id, None)
+        if batch is None:
+            raise KeyError(f"batch {batch_id} not found in the shard cache")
+        return batch
+
+    def _step(self, batch: Batch, start_ns: int, concat_ns: int | None, response_type):
+        if self.kv_cache is None:
+            raise RuntimeError("the KV cache is not allocated: call Warmup first")
+        inputs = batch.prepare(self.block_size, self.config.device, self.flash)
+        logits = self.model.forward(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, inputs.logits_index)
+        forward_end = time.perf_counter_ns()
+        batch.record_prompt_logprobs(inputs, logits)
+        out = None
+        if inputs.sample_rows:
+            out = batch.sampler(logits[inputs.sample_logits], rows=inputs.sample_rows)
+            batch.sampler.update(inputs.sample_rows, out.next_ids)
+        generations = batch.advance(inputs, out, self.eos_ids)
+        finished = {g.request_id for g in generations if g.HasField("finished")}
+        # Only rank `id % world_size` reports a request; the router merges all ranks' lists.
+        world, rank = self.tp.world_size, self.tp.rank
+        response = response_type(generations=[g for g in generations if g.request_id % world == rank])
+        if finished:
+            batch = batch.filter([r.id for r in batch.requests if r.id not in finished])
+        if len(batch):
+            self.batches[batch.id] = batch
+            response.batch.CopyFrom(batch.to_pb(self.block_size))
+        end = time.perf_counter_ns()
+        response.forward_ns, response.decode_ns, response.total_ns = forward_end - start_ns, end - forward_end, end - start_ns
+        if concat_ns is not None:
+            response.concat_ns = concat_ns
+        return response

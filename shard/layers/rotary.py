@@ -1,0 +1,39 @@
+"""Rotary position embeddings with the scaling variants transformers knows (linear, dynamic,
+llama3, yarn, longrope), computed by transformers' own init functions so our frequencies are the
+reference's. `dynamic` is evaluated at its init length: exact up to max_position_embeddings."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int, device: torch.device):
+        super().__init__()
+        scaling = getattr(config, "rope_scaling", None) or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"unsupported rope scaling type {rope_type!r}")
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        inv_freq = inv_freq[: head_dim // 2].float()
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        # Tables are fp32 and cast at use, as in transformers (cos/sin computed in fp32).
+        self.register_buffer("cos", (freqs.cos() * attention_scaling).to(device), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * attention_scaling).to(device), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D], k: [T, KVH, D]; the rotate-half (GPT-NeoX) convention of HF Llama."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

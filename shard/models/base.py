@@ -1,0 +1,46 @@
+"""What every model implementation gives the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from shard.attention import AttentionMetadata, FlashAttnBackend, SdpaBackend
+from shard.distributed import TPGroup
+from shard.kv_cache import KVCache, KVCacheSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ModelContext:
+    tp: TPGroup
+    device: torch.device
+    dtype: torch.dtype
+    block_size: int
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    impl: str  # "llama" (fast path) or "transformers" (fallback)
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    kv_spec: KVCacheSpec
+    window_size: int | None = None
+
+
+class CausalLM(Protocol):
+    info: ModelInfo
+    backend: SdpaBackend | FlashAttnBackend
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] flattened new tokens of every sequence
+        positions: torch.Tensor,  # [T]
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        logits_index: torch.Tensor | None,  # [N] tokens whose logits are needed (None: all)
+    ) -> torch.Tensor:  # [N, vocab] float32
+        ...

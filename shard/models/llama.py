@@ -1,0 +1,148 @@
+"""The Llama family fast path: Llama 2/3, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norms),
+SmolLM, TinyLlama. Composition of the shared tensor-parallel layers; per-family differences are
+read from the config and the checkpoint (bias present, norms present), never a copied file."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from shard.attention import AttentionMetadata, select_backend
+from shard.kv_cache import KVCache, KVCacheSpec
+from shard.layers.activation import gated
+from shard.layers.embedding import LMHead, VocabParallelEmbedding
+from shard.layers.linear import ColumnParallelLinear, RowParallelLinear
+from shard.layers.norm import RMSNorm
+from shard.layers.rotary import RotaryEmbedding
+from shard.models.base import ModelContext, ModelInfo
+from shard.weights import Weights
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class Shared:
+    """Per-model objects every attention layer uses: the rotary tables and the attention backend.
+    A plain object (not a Module), so the rotary buffers aren't registered once per layer."""
+
+    def __init__(self, rotary: RotaryEmbedding, backend):
+        self.rotary = rotary
+        self.backend = backend
+
+
+def _optional(weights: Weights, name: str, get) -> torch.Tensor | None:
+    return get(name) if weights.has(name) else None
+
+
+class Attention(nn.Module):
+    def __init__(self, prefix: str, config: PretrainedConfig, weights: Weights, ctx: ModelContext, shared: "Shared"):
+        super().__init__()
+        world = ctx.tp.world_size
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = head_dim(config)
+        if heads % world:
+            raise ValueError(f"{heads} attention heads cannot be split over {world} shards")
+        self.num_heads = heads // world
+        self.num_kv_heads = max(1, kv_heads // world)
+        qkv = [weights.get_heads(f"{prefix}.{p}_proj.weight", n, self.head_dim)
+               for p, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
+        biases = [_optional(weights, f"{prefix}.{p}_proj.bias", lambda name, n=n: weights.get_heads(name, n, self.head_dim))
+                  for p, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
+        self.qkv_proj = ColumnParallelLinear(torch.cat(qkv), torch.cat(biases) if biases[0] is not None else None)
+        self.o_proj = RowParallelLinear(
+            weights.get_sharded(f"{prefix}.o_proj.weight", dim=1), _optional(weights, f"{prefix}.o_proj.bias", weights.get), ctx.tp
+        )
+        # Qwen3: RMSNorm over each head's q and k before the rotary embedding.
+        eps = config.rms_norm_eps
+        self.q_norm = RMSNorm(weights.get(f"{prefix}.q_norm.weight"), eps) if weights.has(f"{prefix}.q_norm.weight") else None
+        self.k_norm = RMSNorm(weights.get(f"{prefix}.k_norm.weight"), eps) if self.q_norm is not None else None
+        self.split = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim)
+        self.shared = shared
+
+    def forward(self, hidden, positions, cache, meta: AttentionMetadata) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.split, dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+        q, k = self.shared.rotary(positions, q, k)
+        out = self.shared.backend.forward(q, k, v.contiguous(), cache, meta)
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, prefix: str, config: PretrainedConfig, weights: Weights, ctx: ModelContext):
+        super().__init__()
+        gate = weights.get_sharded(f"{prefix}.gate_proj.weight", dim=0)
+        up = weights.get_sharded(f"{prefix}.up_proj.weight", dim=0)
+        self.gate_up_proj = ColumnParallelLinear(torch.cat([gate, up]), None)
+        self.down_proj = RowParallelLinear(weights.get_sharded(f"{prefix}.down_proj.weight", dim=1), None, ctx.tp)
+        self.act = gated(config.hidden_act)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(hidden)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, prefix: str, config, weights: Weights, ctx: ModelContext, shared: "Shared"):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(weights.get(f"{prefix}.input_layernorm.weight"), eps)
+        self.self_attn = Attention(f"{prefix}.self_attn", config, weights, ctx, shared)
+        self.post_attention_layernorm = RMSNorm(weights.get(f"{prefix}.post_attention_layernorm.weight"), eps)
+        self.mlp = MLP(f"{prefix}.mlp", config, weights, ctx)
+
+    def forward(self, hidden, residual, positions, cache, meta):
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: PretrainedConfig, weights: Weights, ctx: ModelContext, eos_token_ids: tuple[int, ...]):
+        super().__init__()
+        tp = ctx.tp
+        dim = head_dim(config)
+        max_positions = config.max_position_embeddings
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if window:
+            # No sliding-window masking in the attention backends yet: serve only contexts the
+            # window covers entirely, where full attention is exact.
+            max_positions = min(max_positions, window)
+        self.backend = select_backend(ctx.device, dim ** -0.5)
+        self.rotary = RotaryEmbedding(config, dim, max_positions, ctx.device)
+        shared = Shared(self.rotary, self.backend)
+        embed = weights.get_sharded("model.embed_tokens.weight", dim=0, even=False)
+        self.embed_tokens = VocabParallelEmbedding(embed, config.vocab_size, tp)
+        self.layers = nn.ModuleList(
+            DecoderLayer(f"model.layers.{i}", config, weights, ctx, shared) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(weights.get("model.norm.weight"), config.rms_norm_eps)
+        tied = getattr(config, "tie_word_embeddings", False) or not weights.has("lm_head.weight")
+        head = embed if tied else weights.get_sharded("lm_head.weight", dim=0, even=False)
+        self.lm_head = LMHead(head, config.vocab_size, tp)
+        attn = self.layers[0].self_attn
+        self.info = ModelInfo(
+            impl="llama",
+            vocab_size=config.vocab_size,
+            max_position_embeddings=max_positions,
+            eos_token_ids=eos_token_ids,
+            kv_spec=KVCacheSpec(config.num_hidden_layers, attn.num_kv_heads, attn.head_dim, ctx.block_size, ctx.dtype),
+            window_size=window or None,
+        )
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, kv_cache: KVCache, meta: AttentionMetadata, logits_index):
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for index, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, positions, kv_cache.layer(index), meta)
+        hidden, _ = self.norm(hidden, residual)
+        if logits_index is not None:
+            hidden = hidden.index_select(0, logits_index)
+        return self.lm_head(hidden).float()

@@ -1,0 +1,108 @@
+"""Thin grpc.aio servicer: each RPC delegates to the Engine on one worker thread.
+
+The engine runs on a single dedicated thread so that calls are serialized (the engine is not
+thread-safe) while the event loop keeps answering Health/Info during a long prefill. Exceptions
+become gRPC statuses whose details are the exception's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from shard.engine import Engine
+from shard.pb import generate_pb2 as pb
+from shard.pb import generate_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT, KeyError: grpc.StatusCode.NOT_FOUND}
+
+
+def _rpc(method):
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except Exception as error:  # every failure must reach the router as a status, not a hang
+            code = next((c for t, c in _STATUS.items() if isinstance(error, t)), grpc.StatusCode.INTERNAL)
+            message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+            log.exception("%s failed", method.__name__)
+            await context.abort(code, f"{type(error).__name__}: {message}")
+
+    return wrapper
+
+
+class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
+    def __init__(self, engine: Engine, socket_urls: list[str]):
+        self.engine = engine
+        self.socket_urls = socket_urls
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    @_rpc
+    async def Info(self, request, context):
+        return self.engine.get_info()
+
+    @_rpc
+    async def ServiceDiscovery(self, request, context):
+        return pb.ServiceDiscoveryResponse(urls=self.socket_urls)
+
+    @_rpc
+    async def ClearCache(self, request, context):
+        await self._run(self.engine.clear_cache, request.id if request.HasField("id") else None)
+        return pb.ClearCacheResponse()
+
+    @_rpc
+    async def FilterBatch(self, request, context):
+        batch = await self._run(self.engine.filter_batch, request.batch_id, list(request.request_ids))
+        return pb.FilterBatchResponse(batch=batch)
+
+    @_rpc
+    async def Warmup(self, request, context):
+        return await self._run(self.engine.warmup, request)
+
+    @_rpc
+    async def Prefill(self, request, context):
+        return await self._run(self.engine.prefill, request)
+
+    @_rpc
+    async def Decode(self, request, context):
+        return await self._run(self.engine.decode, request)
+
+    @_rpc
+    async def Health(self, request, context):
+        await self._run(self.engine.health)
+        return pb.HealthResponse()
+
+
+async def serve(engine: Engine, uds_path: str, rank: int, world_size: int) -> None:
+    socket_path = f"{uds_path}-{rank}"
+    if os.path.exists(socket_path):
+        os.unlink(socket_path)  # a stale socket of a crashed run would make bind fail
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", 2**31 - 1),
+        ("grpc.max_send_message_length", 2**31 - 1),
+    ])
+    urls = [f"unix://{uds_path}-{r}" for r in range(world_size)]
+    generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(engine, urls), server)
+    server.add_insecure_port(f"unix://{socket_path}")
+    await server.start()
+    log.info("shard %d/%d serving on unix://%s", rank, world_size, socket_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shard %d shutting down", rank)
+    await server.stop(grace=1)
+    if os.path.exists(socket_path):
+        os.unlink(socket_path)

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random models written to a temp dir, and an in-process engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shard.config import ShardConfig
+from shard.distributed import TPGroup
+from shard.engine import Engine
+from shard.models import get_model
+from shard.models.base import ModelContext
+from shard.pb import generate_pb2 as pb
+
+TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+)
+
+
+def save_tiny(kind: str, folder: Path) -> Path:
+    """A 2-layer random model of the given architecture, saved as safetensors."""
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**TINY, tie_word_embeddings=False, eos_token_id=127, bos_token_id=1)
+        model = transformers.LlamaForCausalLM(config)
+    elif kind == "qwen2":
+        config = transformers.Qwen2Config(**TINY, tie_word_embeddings=True, eos_token_id=127)
+        model = transformers.Qwen2ForCausalLM(config)
+    elif kind == "qwen3":
+        config = transformers.Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=False, eos_token_id=127)
+        model = transformers.Qwen3ForCausalLM(config)
+    elif kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                                         eos_token_id=127, bos_token_id=127)
+        model = transformers.GPT2LMHeadModel(config)
+    elif kind == "gpt_neox":
+        config = transformers.GPTNeoXConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            max_position_embeddings=512, eos_token_id=127)
+        model = transformers.GPTNeoXForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    # Scale the random init up so logits are far from ties (default init gives near-uniform
+    # distributions where float reordering could flip a greedy argmax).
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.mul_(4.0)
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+def make_config(model_id: str | None = None, block_size: int = 4) -> ShardConfig:
+    return ShardConfig(
+        model_id=model_id, revision=None, uds_path="/tmp/pytgi-test", rank=0, world_size=1,
+        master_addr="localhost", master_port=29500, device=torch.device("cpu"), dtype=torch.float32,
+        block_size=block_size, memory_fraction=0.05, cache_dir=Path("/tmp/pytgi-cache"), hub_cache_dir=None,
+        offline=True, trust_remote_code=False, num_threads=2, json_output=False, log_level="INFO",
+    )
+
+
+def make_engine(folder: Path, block_size: int = 4, num_blocks_tokens: int = 4096) -> Engine:
+    config = make_config(str(folder), block_size)
+    model = get_model(folder, ModelContext(TPGroup(), config.device, config.dtype, block_size))
+    engine = Engine(config, model, TPGroup(), folder)
+    engine.warmup(pb.WarmupRequest(max_batch_total_tokens=num_blocks_tokens, max_prefill_tokens=64))
+    return engine

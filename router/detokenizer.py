@@ -127,7 +127,7 @@ class StopSequenceMatcher:
             text = piece if self._include_stop else window[emit_from:start]
             return StopResult(text, True, stop)
         hold = 0 if self._include_stop else self._partial_suffix(window)
-        self._tail = window[len(window) - self._keep :] if self._keep else ""
+        self._tail = window[max(len(window) - self._keep, 0) :] if self._keep else ""
         self._held = hold
         return StopResult(window[emit_from : len(window) - hold], False, None)
 

@@ -19,7 +19,7 @@ costs O((k + in-use leaves) log n) instead of a scan of the whole tree per block
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from router.block_allocator import BlockAllocator
@@ -175,7 +175,7 @@ class RadixCache:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _keys(self, token_ids: Sequence[int], num_blocks: int):
+    def _keys(self, token_ids: Sequence[int], num_blocks: int) -> Iterator[tuple[int, ...]]:
         bs = self._block_size
         for i in range(num_blocks):
             yield tuple(token_ids[i * bs : (i + 1) * bs])

@@ -231,7 +231,9 @@ def _hub_error(name: str, revision: str | None, error: BaseException) -> ModelSo
             "check the network or proxy settings"
         )
     if isinstance(error, HFValidationError):
-        return ModelSourceError(f"invalid model id {name!r}: not a local path and not a hub repo id (org/name)")
+        return ModelSourceError(
+            f"invalid model id {name!r}: not a local path and not a hub repo id (org/name)"
+        )
     if isinstance(error, HfHubHTTPError):
         return ModelSourceError(f"Hugging Face Hub error for {name}: {_first_line(error)}")
     return ModelSourceError(f"could not fetch {name}: {_first_line(error)}")
@@ -335,7 +337,8 @@ def _read_gguf_meta(gguf_file: Path) -> _GgufTokenizerMeta:
         return f.contents() if index is None else f.contents(index)
 
     special: dict[str, tuple[int, str]] = {}
-    n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else 0
+    tokens_field = reader.fields.get("tokenizer.ggml.tokens")
+    n_tokens = len(tokens_field.data) if tokens_field is not None else 0
     for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),
                       ("unk", "unknown_token_id")):
         token_id = field(f"tokenizer.ggml.{key}")
@@ -457,8 +460,14 @@ def _post_processor(
             items.append({"SpecialToken": {"id": eos[1], "type_id": type_id}})
         return items
 
-    specials = {text: {"id": text, "ids": [tid], "tokens": [text]} for tid, text in (t for t in (bos, eos) if t)}
-    return {"type": "TemplateProcessing", "single": seq(0), "pair": seq(0) + seq(1), "special_tokens": specials}
+    added = [token for token in (bos, eos) if token is not None]
+    specials = {text: {"id": text, "ids": [tid], "tokens": [text]} for tid, text in added}
+    return {
+        "type": "TemplateProcessing",
+        "single": seq(0),
+        "pair": seq(0) + seq(1),
+        "special_tokens": specials,
+    }
 
 
 def _is_byte_level(pre_tokenizer: dict[str, Any] | None) -> bool:

@@ -224,7 +224,7 @@ def _hub_error(name: str, revision: str | None, error: BaseException) -> ModelSo
             f"model {name} not found on the Hugging Face Hub (or it is private and no valid token is set)"
         )
     if isinstance(error, RevisionNotFoundError):
-        return ModelSourceError(f"revision {revision!r} not found for model {name}")
+        return ModelSourceError(f"revision {(revision or 'main')!r} not found for model {name}")
     if isinstance(error, (LocalEntryNotFoundError, requests.ConnectionError, requests.Timeout)):
         return ModelSourceError(
             f"cannot reach the Hugging Face Hub to download {name} and it is not in the cache; "
@@ -290,12 +290,17 @@ def convert_gguf(gguf_file: Path, out_dir: Path, progress: Callable[[str], None]
     return final
 
 
+CONVERTER_VERSION = 2
+
+
 def _file_key(gguf_file: Path) -> str:
     try:
         st = gguf_file.stat()
     except OSError as e:
         raise ModelSourceError(f"model path not found: {gguf_file} ({e.strerror})") from e
-    ident = f"{gguf_file}\0{st.st_size}\0{st.st_mtime_ns}"
+    # The converter's version is part of the key: a fix to the conversion (e.g. tokenizer
+    # metadata) must not be masked by a folder an older version left in the cache.
+    ident = f"{CONVERTER_VERSION}\0{gguf_file}\0{st.st_size}\0{st.st_mtime_ns}"
     return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 

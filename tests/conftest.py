@@ -60,6 +60,14 @@ def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
+def default_cache_dir() -> Path:
+    """Where shards cache converted models (ShardConfig's default), shared across test runs."""
+    import os
+
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    return Path(os.environ.get("PYTGI_CACHE", hf_home / "pytgi"))
+
+
 def make_config(model_id: str | None = None, block_size: int = 4) -> ShardConfig:
     return ShardConfig(
         model_id=model_id, revision=None, uds_path="/tmp/pytgi-test", rank=0, world_size=1,

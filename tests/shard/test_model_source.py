@@ -211,17 +211,20 @@ def _hub_errors() -> list[tuple[Exception, str]]:
     import requests
     from huggingface_hub.errors import (
         GatedRepoError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
+    unreachable = "cannot reach the Hugging Face Hub to download org/name"
     return [
         (RepositoryNotFoundError("404\nmore"), "model org/name not found on the Hugging Face Hub"),
         (GatedRepoError("403\nmore"), "model org/name is gated"),
-        (RevisionNotFoundError("404\nmore"), "revision None not found for model org/name"),
-        (LocalEntryNotFoundError("no network\nmore"), "cannot reach the Hugging Face Hub to download org/name"),
-        (requests.ConnectionError("refused\nmore"), "cannot reach the Hugging Face Hub to download org/name"),
+        (RevisionNotFoundError("404\nmore"), "revision 'main' not found for model org/name"),
+        (LocalEntryNotFoundError("no network\nmore"), unreachable),
+        (requests.ConnectionError("refused\nmore"), unreachable),
+        (HfHubHTTPError("500 Server Error\nmore"), "Hugging Face Hub error for org/name: 500 Server Error"),
     ]
 
 

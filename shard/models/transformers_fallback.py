@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedConfig
 
-from shard.attention import AttentionMetadata, FlashAttnBackend, SdpaBackend, SeqStep, build_metadata, select_backend
+from shard.attention import (
+    AttentionMetadata, FlashAttnBackend, SdpaBackend, SeqStep, build_metadata, select_backend,
+)
 from shard.kv_cache import KVCache, KVCacheSpec
 from shard.models import UnsupportedModelError
 from shard.models.base import ModelContext, ModelInfo
@@ -78,18 +80,20 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         raise RuntimeError(f"{ATTN_IMPLEMENTATION} attention called outside TransformersModel.forward")
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
-            raise UnsupportedModelError(f"{type(module).__name__} uses attention `{name}`, which pytgi's paged "
-                                        "attention does not implement")
+            raise UnsupportedModelError(
+                f"{type(module).__name__} uses attention `{name}`, which pytgi's paged attention does not implement"
+            )
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         layer = len(step.layers)  # modules without `layer_idx`: layers run in order
     step.layers.append(layer)
     batch, heads, tokens, dim = query.shape
     spec = step.kv_cache.spec
-    if batch != 1 or key.shape[1] != spec.num_kv_heads or key.shape[-1] != spec.head_dim or value.shape[-1] != spec.head_dim:
+    kv_shape = (key.shape[1], key.shape[-1], value.shape[-1])
+    if batch != 1 or kv_shape != (spec.num_kv_heads, spec.head_dim, spec.head_dim):
         raise UnsupportedModelError(
-            f"{type(module).__name__} (layer {layer}) gives k {tuple(key.shape)} / v {tuple(value.shape)}, but the KV "
-            f"cache was sized for {spec.num_kv_heads} KV heads of dim {spec.head_dim} from the config"
+            f"{type(module).__name__} (layer {layer}) gives k {tuple(key.shape)} / v {tuple(value.shape)}, "
+            f"but the KV cache was sized for {spec.num_kv_heads} KV heads of dim {spec.head_dim} from the config"
         )
     dtype = spec.dtype
     q = query[0].transpose(0, 1).to(dtype).contiguous()  # [T, H, D]
@@ -184,7 +188,8 @@ class TransformersModel:
         token = _STEP.set(step)
         try:
             out = self.model(
-                input_ids=input_ids[None], position_ids=positions[None], use_cache=False, return_dict=True, **extra
+                input_ids=input_ids[None], position_ids=positions[None], use_cache=False, return_dict=True,
+                **extra,
             )
         finally:
             _STEP.reset(token)
@@ -193,5 +198,7 @@ class TransformersModel:
             logits = logits.index_select(0, logits_index)
         return logits.float(), step.layers
 
-    def forward(self, input_ids, positions, kv_cache: KVCache, meta: AttentionMetadata, logits_index) -> torch.Tensor:
+    def forward(
+        self, input_ids, positions, kv_cache: KVCache, meta: AttentionMetadata, logits_index
+    ) -> torch.Tensor:
         return self._forward(input_ids, positions, kv_cache, meta, logits_index)[0]

@@ -81,19 +81,21 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise UnsupportedModelError(
-                f"{type(module).__name__} uses attention `{name}`, which pytgi's paged attention does not implement"
+                f"{type(module).__name__} uses attention `{name}`, "
+                "which pytgi's paged attention does not implement"
             )
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         layer = len(step.layers)  # modules without `layer_idx`: layers run in order
     step.layers.append(layer)
-    batch, heads, tokens, dim = query.shape
+    batch, dim = query.shape[0], query.shape[-1]
     spec = step.kv_cache.spec
     kv_shape = (key.shape[1], key.shape[-1], value.shape[-1])
     if batch != 1 or kv_shape != (spec.num_kv_heads, spec.head_dim, spec.head_dim):
         raise UnsupportedModelError(
             f"{type(module).__name__} (layer {layer}) gives k {tuple(key.shape)} / v {tuple(value.shape)}, "
-            f"but the KV cache was sized for {spec.num_kv_heads} KV heads of dim {spec.head_dim} from the config"
+            f"but the KV cache was sized from the config for {spec.num_kv_heads} KV heads of dim "
+            f"{spec.head_dim}"
         )
     dtype = spec.dtype
     q = query[0].transpose(0, 1).to(dtype).contiguous()  # [T, H, D]

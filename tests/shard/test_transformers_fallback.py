@@ -195,3 +195,17 @@ def test_tensor_parallel_refused(arch):
         TransformersModel.load(arch.folder, config, ctx, (127,))
     with pytest.raises(ValueError, match="--num-shard > 1"):
         get_model(arch.folder, ctx)
+
+
+def test_model_without_attention_interface_refused(tmp_path):
+    # Bloom's transformers code computes attention itself (ALiBi), never through the interface:
+    # serving it without our paged cache would be silently wrong, so loading must fail.
+    import transformers
+
+    from shard.models import UnsupportedModelError
+
+    config = transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)
+    transformers.BloomForCausalLM(config).save_pretrained(tmp_path)
+    ctx = ModelContext(TPGroup(), torch.device("cpu"), torch.float32, BLOCK)
+    with pytest.raises(UnsupportedModelError, match="AttentionInterface"):
+        get_model(tmp_path, ctx)

@@ -1,0 +1,62 @@
+"""`text-generation-router`: the HTTP front end. Options mirror the launcher's (same names and
+env vars); the launcher passes only what the user set, so these defaults apply otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from router.config import RouterConfig
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--master-shard-uds-path", default="/tmp/text-generation-server-0", envvar="MASTER_SHARD_UDS_PATH")
+@click.option("--hostname", default="0.0.0.0", envvar="HOSTNAME")
+@click.option("--port", "-p", default=3000, type=int, envvar="PORT")
+@click.option("--model-id", default="HuggingFaceTB/SmolLM2-135M-Instruct", envvar="MODEL_ID", help="Name reported by /info.")
+@click.option("--revision", default=None, envvar="REVISION")
+@click.option("--max-concurrent-requests", default=128, type=int, envvar="MAX_CONCURRENT_REQUESTS")
+@click.option("--max-best-of", default=2, type=int, envvar="MAX_BEST_OF")
+@click.option("--max-stop-sequences", default=4, type=int, envvar="MAX_STOP_SEQUENCES")
+@click.option("--max-top-n-tokens", default=5, type=int, envvar="MAX_TOP_N_TOKENS")
+@click.option("--max-input-tokens", default=None, type=int, envvar="MAX_INPUT_TOKENS")
+@click.option("--max-total-tokens", default=None, type=int, envvar="MAX_TOTAL_TOKENS")
+@click.option("--waiting-served-ratio", default=1.2, type=float, envvar="WAITING_SERVED_RATIO")
+@click.option("--max-batch-prefill-tokens", default=None, type=int, envvar="MAX_BATCH_PREFILL_TOKENS")
+@click.option("--max-batch-total-tokens", default=None, type=int, envvar="MAX_BATCH_TOTAL_TOKENS")
+@click.option("--max-waiting-tokens", default=20, type=int, envvar="MAX_WAITING_TOKENS")
+@click.option("--max-batch-size", default=None, type=int, envvar="MAX_BATCH_SIZE")
+@click.option("--validation-workers", default=2, type=int, envvar="VALIDATION_WORKERS")
+@click.option("--api-key", default=None, envvar="API_KEY")
+@click.option("--cors-allow-origin", multiple=True, envvar="CORS_ALLOW_ORIGIN")
+@click.option("--json-output", is_flag=True, envvar="JSON_OUTPUT")
+@click.option("--otlp-endpoint", default=None, envvar="OTLP_ENDPOINT")
+@click.option("--otlp-service-name", default="text-generation-inference.router", envvar="OTLP_SERVICE_NAME")
+@click.option("--payload-limit", default=2_000_000, type=int, envvar="PAYLOAD_LIMIT")
+@click.option("--max-client-batch-size", default=4, type=int, envvar="MAX_CLIENT_BATCH_SIZE")
+@click.option("--disable-grammar-support", is_flag=True, envvar="DISABLE_GRAMMAR_SUPPORT")
+@click.option("--tokenizer-config-path", default=None, envvar="TOKENIZER_CONFIG_PATH")
+@click.option("--disable-prefix-caching", is_flag=True, envvar="DISABLE_PREFIX_CACHING")
+@click.option("--log-level", default="info", envvar="LOG_LEVEL")
+def main(disable_prefix_caching: bool, cors_allow_origin: tuple[str, ...], **options) -> None:
+    """Serve TGI's HTTP API in front of running shards."""
+    config = RouterConfig(prefix_caching=not disable_prefix_caching, cors_allow_origin=tuple(cors_allow_origin),
+                          **options)
+    try:
+        config.check()
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    from aiohttp import web
+
+    from router.app import create_app
+    from router.log import setup_logging
+
+    setup_logging(config.log_level, config.json_output)
+    web.run_app(create_app(config), host=config.hostname, port=config.port, print=None,
+                handler_cancellation=True, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

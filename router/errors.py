@@ -1,0 +1,129 @@
+"""Router errors: each knows its HTTP status, TGI `error_type` and message.
+
+Native TGI routes answer `{"error": message, "error_type": error_type}` (`to_tgi`); the OpenAI
+routes (`/v1/*`) wrap the same error in OpenAI's envelope (`to_openai`). Messages follow TGI's
+`InferError` / `ValidationError` display strings (router/src/infer/mod.rs, validation.rs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RouterError(Exception):
+    """Base of every error a route turns into an HTTP response."""
+
+    status: int = 500
+    error_type: str = "internal"
+
+    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if error_type is not None:
+            self.error_type = error_type
+
+    def to_tgi(self) -> dict[str, Any]:
+        return {"error": self.message, "error_type": self.error_type}
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": _openai_type(self.status),
+                "param": None,
+                "code": self.error_type,
+            }
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.status}, {self.error_type!r}, {self.message!r})"
+
+
+def _openai_type(status: int) -> str:
+    # OpenAI's `type` names the error family; `code` carries TGI's finer error_type.
+    if status == 401:
+        return "authentication_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if 400 <= status < 500:
+        return "invalid_request_error"
+    return "server_error"
+
+
+class ValidationError(RouterError):
+    """422 `validation`. TGI prefixes the message with "Input validation error: ".
+
+    `prefix=False` keeps the message as given: request-body deserialization errors, which TGI
+    (axum's Json extractor) reports without the prefix.
+    """
+
+    status = 422
+    error_type = "validation"
+
+    def __init__(self, message: str, *, prefix: bool = True) -> None:
+        self.reason = message  # the bare rule text, without the prefix
+        super().__init__(f"Input validation error: {message}" if prefix else message)
+
+
+class OverloadedError(RouterError):
+    status = 429
+    error_type = "overloaded"
+
+    def __init__(self, message: str = "Model is overloaded") -> None:
+        super().__init__(message)
+
+
+class GenerationError(RouterError):
+    status = 424
+    error_type = "generation"
+
+    def __init__(self, message: str) -> None:
+        self.reason = message
+        super().__init__(f"Request failed during generation: {message}")
+
+
+class IncompleteGenerationError(RouterError):
+    status = 500
+    error_type = "incomplete_generation"
+
+    def __init__(self, message: str = "Incomplete generation") -> None:
+        super().__init__(message)
+
+
+class IncompleteGenerationStreamError(RouterError):
+    """A stream ended without a final token (TGI's `incomplete_generation_stream`)."""
+
+    status = 500
+    error_type = "incomplete_generation_stream"
+
+    def __init__(self, message: str = "Incomplete generation stream") -> None:
+        super().__init__(message)
+
+
+class UnhealthyError(RouterError):
+    status = 503
+    error_type = "healthcheck"
+
+    def __init__(self, message: str = "unhealthy") -> None:
+        super().__init__(message)
+
+
+class TemplateError(RouterError):
+    status = 422
+    error_type = "template_error"
+
+    def __init__(self, message: str) -> None:
+        self.reason = message
+        super().__init__(f"Template error: {message}")
+
+
+class PayloadTooLargeError(RouterError):
+    status = 413
+    error_type = "payload_too_large"
+
+    def __init__(self, message: str = "Payload Too Large") -> None:
+        super().__init__(message)

@@ -1,0 +1,111 @@
+"""Infer: admission (→ 429), validation, enqueueing, and the per-request event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from router.errors import IncompleteGenerationError, OverloadedError, RouterError
+from router.metrics import Metrics
+from router.queue import Queue
+from router.request import Entry, ErrorEvent, Event, Finish, TokenEvent
+from router.schemas import GenerateRequest
+from router.tokenizer import Tokenizer
+from router.validation import ValidRequest, Validator
+
+
+@dataclass(frozen=True, slots=True)
+class Generated:
+    """A complete (non-streamed) generation."""
+
+    request: ValidRequest
+    tokens: tuple[TokenEvent, ...]
+    finish: Finish
+    validated_at: float
+    started_at: float
+
+    @property
+    def mean_logprob(self) -> float:
+        values = [t.token.logprob for t in self.tokens if t.token.logprob is not None]
+        return sum(values) / len(values) if values else float("-inf")
+
+
+class Infer:
+    def __init__(self, validator: Validator, tokenizer: Tokenizer, queue: Queue, metrics: Metrics,
+                 max_concurrent_requests: int):
+        self.validator = validator
+        self.tokenizer = tokenizer
+        self.queue = queue
+        self.metrics = metrics
+        self.permits = max_concurrent_requests
+        self._ids = itertools.count()
+
+    async def validate(self, request: GenerateRequest) -> ValidRequest:
+        try:
+            valid = await self.validator.validate(request)
+        except RouterError as error:
+            self.metrics.request_failure.labels(error.error_type).inc()
+            raise
+        self.metrics.input_length.observe(valid.input_length)
+        self.metrics.max_new_tokens.observe(valid.parameters.max_new_tokens)
+        return valid
+
+    def acquire(self, count: int = 1) -> None:
+        """Take `count` permits now or fail with 429 (TGI: try_acquire, no waiting)."""
+        if self.permits < count:
+            self.metrics.request_failure.labels("overloaded").inc()
+            raise OverloadedError()
+        self.permits -= count
+
+    def release(self, count: int = 1) -> None:
+        self.permits += count
+
+    async def stream(self, valid: ValidRequest) -> AsyncIterator[Event]:
+        """Events of one generation. Leaving the iterator early (client gone) cancels it."""
+        entry = Entry.create(next(self._ids), valid, self.tokenizer)
+        self.queue.append(entry)
+        try:
+            while True:
+                event = await entry.events.get()
+                yield event
+                if isinstance(event, ErrorEvent):
+                    self.metrics.request_failure.labels(event.error.error_type).inc()
+                    return
+                if event.finish is not None:
+                    self._record(event.finish)
+                    return
+        finally:
+            if not entry.finished:
+                entry.cancelled = True
+                self.queue.notify()
+
+    async def generate(self, valid: ValidRequest) -> Generated:
+        start = time.monotonic()
+        tokens: list[TokenEvent] = []
+        async for event in self.stream(valid):
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            tokens.append(event)
+            if event.finish is not None:
+                return Generated(valid, tuple(tokens), event.finish, start, event.finish.batched_at)
+        raise IncompleteGenerationError()
+
+    async def generate_best_of(self, valid: ValidRequest) -> tuple[Generated, list[Generated]]:
+        """`best_of` independent samples; the best by mean token logprob, then the others."""
+        results = await asyncio.gather(*(self.generate(valid) for _ in range(valid.parameters.best_of)))
+        ranked = sorted(results, key=lambda g: g.mean_logprob, reverse=True)
+        return ranked[0], ranked[1:]
+
+    def _record(self, finish: Finish) -> None:
+        m = self.metrics
+        m.request_success.inc()
+        m.generated_tokens.observe(finish.generated_tokens)
+        m.queue_duration.observe(max(finish.batched_at - finish.queued_at, 0))
+        inference = finish.finished_at - finish.batched_at
+        m.inference_duration.observe(inference)
+        m.request_duration.observe(finish.finished_at - finish.queued_at)
+        if finish.generated_tokens:
+            m.time_per_token.observe(inference / finish.generated_tokens)

@@ -1,0 +1,131 @@
+"""The waiting queue and TGI v3's `next_batch`: admit entries FIFO within the prefill token
+budget, the token budget and the free KV blocks, chunking the last prompt that does not fit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from router.kv import KVManager
+from router.pb import generate_pb2 as pb
+from router.request import Entry
+
+
+@dataclass(frozen=True, slots=True)
+class NextBatch:
+    entries: list[Entry]
+    batch: pb.Batch
+
+
+class Queue:
+    def __init__(self, kv: KVManager, support_chunking: bool):
+        self.kv = kv
+        self.support_chunking = support_chunking
+        self._entries: deque[Entry] = deque()
+        self._changed = asyncio.Event()
+        self._next_batch_id = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def append(self, entry: Entry) -> None:
+        self._entries.append(entry)
+        self.notify()
+
+    def pop_head(self) -> Entry | None:
+        return self._entries.popleft() if self._entries else None
+
+    def notify(self) -> None:
+        """Wake the batcher: a request arrived, or something it waits on changed."""
+        self._changed.set()
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+        self._changed.clear()
+
+    def next_batch(
+        self, *, min_size: int | None, max_size: int | None, prefill_budget: int, token_budget: int
+    ) -> NextBatch | None:
+        if not self._entries or (min_size and len(self._entries) < min_size) or max_size == 0:
+            return None
+        if prefill_budget <= 0 or token_budget <= 0:
+            return None
+        taken: list[Entry] = []
+        requests: list[pb.Request] = []
+        prefill_tokens = decode_tokens = 0
+        while self._entries and (max_size is None or len(taken) < max_size):
+            entry = self._entries.popleft()
+            if entry.cancelled:
+                continue  # its client is gone; nothing was allocated yet
+            params = entry.request.parameters
+            input_length = entry.request.input_length
+            # The last generated token is never fed back, so it needs no KV slot.
+            num_tokens = input_length + params.max_new_tokens - 1
+            if prefill_tokens + decode_tokens + num_tokens > token_budget:
+                self._entries.appendleft(entry)
+                break
+            # Prompt logprobs need every prompt position computed: no prefix reuse for them.
+            prompt = () if params.decoder_input_details else entry.request.input_ids
+            allocation = self.kv.allocate(prompt, max(num_tokens, 1))
+            if allocation is None:
+                self._entries.appendleft(entry)
+                break
+            postfix = input_length - allocation.cache_len
+            chunk_len = None
+            if prefill_tokens + postfix > prefill_budget:
+                room = prefill_budget - prefill_tokens
+                if not self.support_chunking or room <= 0:
+                    self.kv.release(allocation)
+                    self._entries.appendleft(entry)
+                    break
+                chunk_len = room
+            entry.allocation = allocation
+            entry.num_computed = allocation.cache_len + (chunk_len or postfix)
+            entry.batched_at = time.monotonic()
+            taken.append(entry)
+            requests.append(_to_pb(entry, chunk_len))
+            prefill_tokens += chunk_len or postfix
+            decode_tokens += params.max_new_tokens - 1
+            if chunk_len is not None:
+                break  # the budget is spent
+        if not taken or (min_size and len(taken) < min_size):
+            for entry in reversed(taken):
+                self.kv.release(entry.allocation)
+                entry.allocation = None
+                self._entries.appendleft(entry)
+            return None
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        block_size = self.kv.block_size
+        batch = pb.Batch(
+            id=batch_id, requests=requests, size=len(requests),
+            max_tokens=sum(len(e.allocation.blocks) for e in taken) * block_size,
+            max_blocks=max(len(e.allocation.blocks) for e in taken),
+        )
+        return NextBatch(taken, batch)
+
+
+def _to_pb(entry: Entry, chunk_len: int | None) -> pb.Request:
+    request, params = entry.request, entry.request.parameters
+    message = pb.Request(
+        id=entry.id,
+        input_ids=request.input_ids,
+        parameters=pb.NextTokenChooserParameters(
+            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, typical_p=params.typical_p,
+            do_sample=params.do_sample, seed=params.seed or 0, has_seed=params.seed is not None,
+            repetition_penalty=params.repetition_penalty, frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty, min_p=params.min_p, watermark=params.watermark,
+        ),
+        stopping_parameters=pb.StoppingCriteriaParameters(
+            max_new_tokens=params.max_new_tokens, ignore_eos_token=False,
+        ),
+        prefill_logprobs=params.decoder_input_details,
+        top_n_tokens=params.top_n_tokens,
+        blocks=entry.allocation.blocks,
+        cache_len=entry.allocation.cache_len,
+    )
+    if chunk_len is not None:
+        message.chunk_len = chunk_len
+    return message

@@ -1,0 +1,179 @@
+"""TGI's native routes. Handlers are thin: parse → Infer → shape the response."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from aiohttp import web
+
+from router.errors import UnhealthyError, ValidationError
+from router.infer import Generated
+from router.request import ErrorEvent, Finish, TokenEvent, TokenInfo
+from router.schemas import parse_generate_request
+from router.sse import ClientGone, SseWriter
+from router.state import STATE, AppState
+
+COMPUTE_TYPE = "cpu+optimized"
+
+
+def token_json(token: TokenInfo, with_special: bool = True) -> dict:
+    out = {"id": token.id, "text": token.text, "logprob": token.logprob}
+    if with_special:
+        out["special"] = token.special
+    return out
+
+
+def details_json(generated: Generated) -> dict:
+    finish = generated.finish
+    details = {
+        "finish_reason": finish.finish_reason,
+        "generated_tokens": finish.generated_tokens,
+        "seed": finish.seed,
+        "prefill": [token_json(t, with_special=False) for t in finish.prefill],
+        "tokens": [token_json(t.token) for t in generated.tokens],
+    }
+    if any(t.top_tokens for t in generated.tokens):
+        details["top_tokens"] = [[token_json(x) for x in t.top_tokens] for t in generated.tokens]
+    return details
+
+
+def timing_headers(generated: Generated, start: float) -> dict[str, str]:
+    finish = generated.finish
+    now = time.monotonic()
+    inference = finish.finished_at - finish.batched_at
+    ms = lambda seconds: str(int(max(seconds, 0) * 1000))  # noqa: E731
+    return {
+        "x-compute-type": COMPUTE_TYPE,
+        "x-compute-time": f"{now - start:.6f}",
+        "x-compute-characters": str(len(generated.request.input_text)),
+        "x-total-time": ms(now - start),
+        "x-validation-time": ms(generated.validated_at - start),
+        "x-queue-time": ms(finish.batched_at - finish.queued_at),
+        "x-inference-time": ms(inference),
+        "x-time-per-token": ms(inference / max(finish.generated_tokens, 1)),
+        "x-prompt-tokens": str(finish.input_length),
+        "x-generated-tokens": str(finish.generated_tokens),
+    }
+
+
+async def read_json(request: web.Request):
+    try:
+        return await request.json(loads=json.loads)
+    except json.JSONDecodeError as error:
+        raise ValidationError(f"Failed to parse the request body as JSON: {error}", prefix=False) from error
+
+
+class TgiRoutes:
+    """Handlers read the AppState from the app at request time: it only exists after startup,
+    while routes must be registered before the app starts."""
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_post("/generate", self.generate)
+        app.router.add_post("/generate_stream", self.generate_stream)
+        app.router.add_post("/", self.compat)
+        app.router.add_post("/invocations", self.compat)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_get("/info", self.info)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/ping", self.health)
+        app.router.add_get("/metrics", self.metrics)
+
+    async def generate(self, request: web.Request) -> web.Response:
+        body = parse_generate_request(await read_json(request), compat=False)
+        return await self._generate(request.app[STATE], body, compat=False)
+
+    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._stream(request, parse_generate_request(await read_json(request), compat=False))
+
+
+    async def compat(self, request: web.Request) -> web.StreamResponse:
+        """`POST /` and `/invocations`: a list for non-stream bodies, SSE for `stream: true`."""
+        body = parse_generate_request(await read_json(request), compat=True)
+        if body.stream:
+            return await self._stream(request, body)
+        return await self._generate(request.app[STATE], body, compat=True)
+
+    async def _generate(self, state: AppState, body, compat: bool) -> web.Response:
+        start = time.monotonic()
+        infer = state.infer
+        state.metrics.request_count.inc()
+        valid = await infer.validate(body)
+        best_of = valid.parameters.best_of
+        infer.acquire(best_of)
+        try:
+            if best_of > 1:
+                best, others = await infer.generate_best_of(valid)
+            else:
+                best, others = await infer.generate(valid), []
+        finally:
+            infer.release(best_of)
+        payload = {"generated_text": best.finish.generated_text}
+        params = valid.parameters
+        if params.details or params.decoder_input_details:
+            payload["details"] = details_json(best)
+            if others:
+                payload["details"]["best_of_sequences"] = [
+                    {"generated_text": g.finish.generated_text, **details_json(g)} for g in others
+                ]
+        return web.json_response([payload] if compat else payload, headers=timing_headers(best, start))
+
+    async def _stream(self, request: web.Request, body) -> web.StreamResponse:
+        state = request.app[STATE]
+        infer = state.infer
+        state.metrics.request_count.inc()
+        body.stream = True
+        # Admission and validation happen before the stream opens so that clients get real
+        # 429 / 422 statuses; anything later arrives as an error event.
+        valid = await infer.validate(body)
+        infer.acquire()
+        try:
+            writer = await SseWriter.open(request, {
+                "x-compute-type": COMPUTE_TYPE, "x-compute-characters": str(len(valid.input_text))})
+            events = infer.stream(valid)
+            try:
+                async for event in events:
+                    await writer.send(self._stream_event(event, valid.parameters.details))
+            except ClientGone:
+                pass  # leaving the iterator cancels the request
+            finally:
+                await events.aclose()
+            await writer.close()
+            return writer.response
+        finally:
+            infer.release()
+
+    @staticmethod
+    def _stream_event(event, details: bool) -> dict:
+        if isinstance(event, ErrorEvent):
+            return event.error.to_tgi()
+        assert isinstance(event, TokenEvent)
+        out = {"index": event.index, "token": token_json(event.token)}
+        if event.top_tokens:
+            out["top_tokens"] = [token_json(t) for t in event.top_tokens]
+        finish: Finish | None = event.finish
+        out["generated_text"] = finish.generated_text if finish else None
+        out["details"] = None
+        if finish and details:
+            out["details"] = {"finish_reason": finish.finish_reason, "generated_tokens": finish.generated_tokens,
+                              "seed": finish.seed, "input_length": finish.input_length}
+        return out
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = parse_generate_request(await read_json(request), compat=False)
+        tokens = await request.app[STATE].tokenizer.aencode_with_offsets(body.inputs)
+        return web.json_response([
+            {"id": token_id, "text": body.inputs[start:stop], "start": start, "stop": stop}
+            for token_id, start, stop in tokens
+        ])
+
+    async def info(self, request: web.Request) -> web.Response:
+        return web.json_response(request.app[STATE].info_json())
+
+    async def health(self, request: web.Request) -> web.Response:
+        if not await request.app[STATE].check_health():
+            raise UnhealthyError()
+        return web.Response(status=200)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=request.app[STATE].metrics.render(), content_type="text/plain", charset="utf-8")

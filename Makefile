@@ -35,4 +35,4 @@ bench: install
 	$(VENV)/bin/text-generation-benchmark --help
 
 clean:
-	rm -rf $(VENV) shard/pb router/pb *.egg-info
+	rm -rf $(VENV) pytgi_proto *.egg-info

@@ -30,7 +30,7 @@ import click
 
 from benchmarks.report import Stats, format_table
 from router.client import ShardedClient, ShardError
-from router.pb import generate_pb2 as pb
+from pytgi_proto import generate_pb2 as pb
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 

@@ -1,8 +1,10 @@
-"""Generate the gRPC stubs from proto/generate.proto into shard/pb and router/pb.
+"""Generate the gRPC stubs from proto/generate.proto into the `pytgi_proto` package.
 
-Both processes get their own copy so neither imports the other's package. protoc's
-`-I<virtual>=<physical>` mapping makes the generated code import `shard.pb.generate_pb2`
-(resp. `router.pb.…`) instead of a bare top-level `generate_pb2`, so nothing is edited by hand.
+One package shared by the router and the shards: both depend on the contract, not on each other,
+and protobuf refuses two registrations of the same `generate.v3` symbols in one process (tests
+run router and engine code together). protoc's `-I<virtual>=<physical>` mapping makes the
+generated code import `pytgi_proto.generate_pb2` instead of a bare top-level `generate_pb2`, so
+nothing is edited by hand.
 
 `python proto/build.py` writes the stubs; `python proto/build.py --check` exits 1 when the stubs
 in the tree differ from what the current .proto generates.
@@ -19,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "proto" / "generate.proto"
-PACKAGES = ("shard/pb", "router/pb")
+PACKAGES = ("pytgi_proto",)
 GENERATED = ("generate_pb2.py", "generate_pb2.pyi", "generate_pb2_grpc.py")
 
 
@@ -67,6 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         for package in PACKAGES:
+            (ROOT / package).mkdir(exist_ok=True)
             for name in (*GENERATED, "__init__.py"):
                 shutil.copyfile(Path(tmp) / package / name, ROOT / package / name)
     print(f"generated stubs in {', '.join(PACKAGES)}")

@@ -18,7 +18,7 @@ from router.client import ShardedClient, ShardError
 from router.errors import GenerationError
 from router.kv import KVManager
 from router.metrics import Metrics
-from router.pb import generate_pb2 as pb
+from pytgi_proto import generate_pb2 as pb
 from router.queue import Queue
 from router.request import Entry
 

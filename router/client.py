@@ -15,8 +15,8 @@ from typing import TypeVar
 
 import grpc
 
-from router.pb import generate_pb2 as pb
-from router.pb import generate_pb2_grpc
+from pytgi_proto import generate_pb2 as pb
+from pytgi_proto import generate_pb2_grpc
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from router.kv import KVManager
-from router.pb import generate_pb2 as pb
+from pytgi_proto import generate_pb2 as pb
 from router.request import Entry
 
 

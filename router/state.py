@@ -15,7 +15,7 @@ from router.config import RouterConfig
 from router.infer import Infer
 from router.kv import KVManager
 from router.metrics import Metrics
-from router.pb import generate_pb2 as pb
+from pytgi_proto import generate_pb2 as pb
 from router.queue import Queue
 from router.tokenizer import Tokenizer
 from router.validation import ValidationLimits, Validator

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from shard.attention import AttentionMetadata, SeqStep, build_metadata
-from shard.pb import generate_pb2 as pb
+from pytgi_proto import generate_pb2 as pb
 from shard.sampling import Sampler, SampleOutput, SamplingParams
 
 _SEEDS = random.SystemRandom()

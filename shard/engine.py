@@ -18,7 +18,7 @@ from shard.config import ShardConfig
 from shard.distributed import TPGroup
 from shard.kv_cache import KVCache, available_memory
 from shard.models.base import CausalLM
-from shard.pb import generate_pb2 as pb
+from pytgi_proto import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
 

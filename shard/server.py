@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from shard.engine import Engine
-from shard.pb import generate_pb2 as pb
-from shard.pb import generate_pb2_grpc
+from pytgi_proto import generate_pb2 as pb
+from pytgi_proto import generate_pb2_grpc
 
 log = logging.getLogger(__name__)
 

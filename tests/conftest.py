@@ -12,7 +12,7 @@ from shard.distributed import TPGroup
 from shard.engine import Engine
 from shard.models import get_model
 from shard.models.base import ModelContext
-from shard.pb import generate_pb2 as pb
+from pytgi_proto import generate_pb2 as pb
 
 TINY = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

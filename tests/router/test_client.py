@@ -17,22 +17,9 @@ import pytest
 
 from tests.conftest import save_tiny
 
-try:
-    import router.pb.generate_pb2  # noqa: F401
-except TypeError:
-    # NOTE: shard/pb and router/pb register the same proto symbols under two file names, and the
-    # default descriptor pool refuses the second copy in one process (tests/conftest.py already
-    # loaded shard.pb). Same .proto, same wire format: alias router.pb's modules to shard.pb's
-    # until the stubs share one registration (production processes load only one of them).
-    import shard.pb.generate_pb2
-    import shard.pb.generate_pb2_grpc
-
-    sys.modules["router.pb.generate_pb2"] = shard.pb.generate_pb2
-    sys.modules["router.pb.generate_pb2_grpc"] = shard.pb.generate_pb2_grpc
-
-from benchmarks.report import Stats, format_table, percentile  # noqa: E402
-from router.client import ShardClient, ShardedClient, ShardError, _merge_steps  # noqa: E402
-from router.pb import generate_pb2 as pb  # noqa: E402
+from benchmarks.report import Stats, format_table, percentile
+from router.client import ShardClient, ShardedClient, ShardError, _merge_steps
+from pytgi_proto import generate_pb2 as pb
 
 BIN = Path(sys.executable).parent
 

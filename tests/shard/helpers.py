@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shard.pb import generate_pb2 as pb
+from pytgi_proto import generate_pb2 as pb
 
 TIE_GAP = 1e-3  # DESIGN.md §3: a divergence is acceptable only where the reference's top-2 gap is below this
 

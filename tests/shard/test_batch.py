@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shard.batch import Batch
-from shard.pb import generate_pb2 as pb
+from pytgi_proto import generate_pb2 as pb
 
 CPU = torch.device("cpu")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shard.pb import generate_pb2 as pb
+from pytgi_proto import generate_pb2 as pb
 from tests.conftest import make_engine, save_tiny
 from tests.shard.helpers import BlockPool, Reference, assert_greedy_equal, collect, generate, greedy_request, run_to_completion
 

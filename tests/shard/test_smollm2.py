@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shard.model_source import resolve_model
-from shard.pb import generate_pb2 as pb
+from pytgi_proto import generate_pb2 as pb
 from tests.conftest import default_cache_dir, make_engine
 from tests.shard.helpers import BlockPool, Reference, assert_greedy_equal, collect, generate, greedy_request, run_to_completion
 

@@ -16,7 +16,7 @@ from shard.kv_cache import KVCache
 from shard.models import get_model
 from shard.models.base import ModelContext
 from shard.models.transformers_fallback import ATTN_IMPLEMENTATION, TransformersModel, paged_attention
-from shard.pb import generate_pb2 as pb
+from pytgi_proto import generate_pb2 as pb
 from tests.conftest import make_engine, save_tiny
 
 BLOCK = 4  # make_engine's block size

@@ -1,0 +1,110 @@
+"""The command lines and environments of the launcher's children, as pure functions.
+
+`build_router_argv` is the one place that knows the router's option names; adjust it there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from launcher.config import LauncherArgs, shard_log_level
+
+SHARD_EXE = "text-generation-server"
+ROUTER_EXE = "text-generation-router"
+
+
+def socket_path(args: LauncherArgs, rank: int) -> str:
+    return f"{args.shard_uds_path}-{rank}"
+
+
+def _model_args(args: LauncherArgs) -> list[str]:
+    argv = [args.model_id] if args.model_id else []  # none: the shard's bundled default
+    if args.revision:
+        argv += ["--revision", args.revision]
+    if args.trust_remote_code:
+        argv.append("--trust-remote-code")
+    if args.json_output:
+        argv.append("--json-output")
+    return argv + ["--logger-level", shard_log_level(args.log_level)]
+
+
+def build_download_argv(args: LauncherArgs) -> list[str]:
+    """`download-weights`: resolve/convert the model once, before N shards load it."""
+    return [SHARD_EXE, "download-weights", *_model_args(args)]
+
+
+def build_shard_argv(args: LauncherArgs, rank: int, world_size: int) -> list[str]:
+    """Every rank gets the same argv; RANK/WORLD_SIZE come through the environment."""
+    argv = [SHARD_EXE, "serve", *_model_args(args), "--uds-path", args.shard_uds_path]
+    if world_size > 1:
+        argv.append("--sharded")
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    return argv
+
+
+def child_env(args: LauncherArgs, base: Mapping[str, str]) -> dict[str, str]:
+    """What every child gets: the launcher's environment plus the cache/token settings."""
+    env = dict(base)
+    env["PYTHONUNBUFFERED"] = "1"  # our pipes are not terminals: keep prints line by line
+    env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "HF_TOKEN" not in env and env.get("HF_API_TOKEN"):
+        env["HF_TOKEN"] = env["HF_API_TOKEN"]
+    if args.huggingface_hub_cache:
+        env["HUGGINGFACE_HUB_CACHE"] = args.huggingface_hub_cache
+    if args.weights_cache_override:
+        env["WEIGHTS_CACHE_OVERRIDE"] = args.weights_cache_override
+    return env
+
+
+def shard_env(args: LauncherArgs, rank: int, world_size: int, base: Mapping[str, str]) -> dict[str, str]:
+    env = child_env(args, base)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=args.master_addr,
+               MASTER_PORT=str(args.master_port))
+    optional = {
+        "CUDA_MEMORY_FRACTION": args.cuda_memory_fraction,
+        "WATERMARK_GAMMA": args.watermark_gamma,
+        "WATERMARK_DELTA": args.watermark_delta,
+        "MAX_BATCH_SIZE": args.max_batch_size,
+        "MAX_TOTAL_TOKENS": args.max_total_tokens,
+    }
+    env.update({key: str(value) for key, value in optional.items() if value is not None})
+    return env
+
+
+# launcher option → router option; passed only when the user set it (the router's defaults apply
+# otherwise). Flags (bool) are passed bare when true; tuples repeat the option.
+ROUTER_OPTIONS = (
+    "max_concurrent_requests", "max_best_of", "max_stop_sequences", "max_top_n_tokens",
+    "max_total_tokens", "waiting_served_ratio", "max_batch_prefill_tokens", "max_batch_total_tokens",
+    "max_waiting_tokens", "max_batch_size", "validation_workers", "api_key", "cors_allow_origin",
+    "json_output", "otlp_endpoint", "otlp_service_name", "payload_limit", "max_client_batch_size",
+    "disable_grammar_support", "tokenizer_config_path", "disable_prefix_caching",
+)
+
+
+def build_router_argv(args: LauncherArgs) -> list[str]:
+    argv = [ROUTER_EXE, "--master-shard-uds-path", socket_path(args, 0),
+            "--hostname", args.hostname, "--port", str(args.port)]
+    if args.model_id:
+        argv += ["--model-id", args.model_id]  # none: the router's bundled default, like the shards
+    if args.revision:
+        argv += ["--revision", args.revision]
+    if args.is_set("max_input_tokens") or args.is_set("max_input_length"):
+        argv += ["--max-input-tokens", str(args.effective_max_input_tokens)]
+    for name in ROUTER_OPTIONS:
+        if not args.is_set(name):
+            continue
+        flag, value = "--" + name.replace("_", "-"), getattr(args, name)
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        elif isinstance(value, tuple):
+            for item in value:
+                argv += [flag, item]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def router_env(args: LauncherArgs, base: Mapping[str, str]) -> dict[str, str]:
+    return child_env(args, base)

@@ -1,0 +1,193 @@
+"""LauncherArgs: the launcher's one frozen configuration, built at the CLI edge (launcher/cli.py).
+
+The defaults of every flag live here (the click options read them from the dataclass fields).
+`explicit` records which options the user set (flag, TGI env var or SageMaker env var): the
+router only receives those, so its own defaults apply otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+
+# TGI's quantization methods plus the CPU weight-only ones planned for pytgi. None is implemented
+# yet; the launcher rejects every value before starting anything.
+QUANTIZE_CHOICES = (
+    "int8", "int4",
+    "awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin",
+    "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8",
+)
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+USAGE_STATS_CHOICES = ("on", "off", "no-stack")
+MAX_UDS_PATH = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
+
+# SageMaker's names (TGI's sagemaker-entrypoint.sh) → the launcher option they set. They apply
+# only when neither the TGI-named env var nor the flag is given (see cli.py: they become
+# click's default_map, which ranks below both).
+SAGEMAKER_ENV = {
+    "HF_MODEL_ID": "model_id",
+    "SM_NUM_GPUS": "num_shard",
+    "HF_MODEL_REVISION": "revision",
+    "HF_MODEL_QUANTIZE": "quantize",
+    "HF_MODEL_TRUST_REMOTE_CODE": "trust_remote_code",
+}
+
+
+class ConfigError(ValueError):
+    """A contradictory or impossible combination of options (one line, shown before starting)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LauncherArgs:
+    model_id: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    revision: str | None = None
+    validation_workers: int = 2
+    sharded: bool | None = None
+    num_shard: int | None = None
+    quantize: str | None = None
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int | None = None
+    max_input_length: int | None = None
+    max_total_tokens: int | None = None
+    waiting_served_ratio: float = 0.3
+    max_batch_prefill_tokens: int | None = None
+    max_batch_total_tokens: int | None = None
+    max_waiting_tokens: int = 20
+    max_batch_size: int | None = None
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    shard_uds_path: str = "/tmp/text-generation-server"
+    master_addr: str = "localhost"
+    master_port: int = 29500
+    huggingface_hub_cache: str | None = None
+    weights_cache_override: str | None = None
+    cuda_memory_fraction: float | None = None
+    json_output: bool = False
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "text-generation-inference.router"
+    cors_allow_origin: tuple[str, ...] = ()
+    api_key: str | None = None
+    watermark_gamma: float | None = None
+    watermark_delta: float | None = None
+    tokenizer_config_path: str | None = None
+    disable_grammar_support: bool = False
+    max_client_batch_size: int = 4
+    payload_limit: int = 2_000_000
+    graceful_termination_timeout: int = 90
+    disable_prefix_caching: bool = False
+    usage_stats: str = "off"
+    env: bool = False
+    # Not flags: LOG_LEVEL (TGI's env-only filter) and which options the user set.
+    log_level: str = "info"
+    explicit: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def effective_max_input_tokens(self) -> int | None:
+        return self.max_input_tokens if self.max_input_tokens is not None else self.max_input_length
+
+    def is_set(self, name: str) -> bool:
+        return name in self.explicit
+
+    def redacted(self) -> LauncherArgs:
+        """A copy safe to log (the API key hidden)."""
+        return replace(self, api_key="***") if self.api_key else self
+
+
+def defaults() -> dict[str, object]:
+    return {f.name: f.default for f in fields(LauncherArgs) if f.name != "explicit"}
+
+
+def sagemaker_defaults(env: Mapping[str, str]) -> dict[str, str]:
+    """Option values implied by SageMaker env vars. SM_NUM_GPUS=0 (a CPU instance) sets nothing."""
+    mapped = {}
+    for var, name in SAGEMAKER_ENV.items():
+        value = env.get(var, "").strip()
+        if not value or (var == "SM_NUM_GPUS" and value == "0"):
+            continue
+        mapped[name] = value
+    return mapped
+
+
+def resolve_num_shard(sharded: bool | None, num_shard: int | None, visible_gpus: int) -> int:
+    """TGI's find_num_shards (reference §1.2); on CPU the GPU count is 0."""
+    if num_shard is not None and num_shard < 1:
+        raise ConfigError("`num_shard` cannot be < 1")
+    if sharded is True and num_shard is None:
+        if visible_gpus <= 1:
+            raise ConfigError(
+                f"--sharded true needs more than one visible GPU (found {visible_gpus}); "
+                "pass --num-shard N to shard on CPU")
+        return visible_gpus
+    if sharded is True and num_shard is not None and num_shard <= 1:
+        raise ConfigError(f"--sharded true is incompatible with --num-shard {num_shard}; use --num-shard >= 2")
+    if num_shard is not None:
+        return num_shard
+    if sharded is False:
+        return 1
+    return max(visible_gpus, 1)
+
+
+def validate(args: LauncherArgs) -> None:
+    """Reject contradictions before anything starts; the message is one line."""
+    if args.quantize is not None:
+        raise ConfigError(f"--quantize {args.quantize} is not supported yet")
+    if args.max_input_tokens is not None and args.max_input_length is not None:
+        raise ConfigError(
+            f"both --max-input-tokens ({args.max_input_tokens}) and --max-input-length "
+            f"({args.max_input_length}) are set; use only --max-input-tokens (--max-input-length is deprecated)")
+    for name in ("validation_workers", "max_concurrent_requests", "max_client_batch_size", "payload_limit",
+                 "max_batch_size", "max_input_tokens", "max_input_length", "max_total_tokens",
+                 "max_batch_prefill_tokens", "max_batch_total_tokens"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"`{name}` must be > 0 (got {value})")
+    for name in ("max_stop_sequences", "max_top_n_tokens", "max_waiting_tokens",
+                 "graceful_termination_timeout"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"`{name}` must be >= 0 (got {getattr(args, name)})")
+    if args.max_best_of < 1:
+        raise ConfigError("`max_best_of` must be >= 1")
+    if args.waiting_served_ratio < 0:
+        raise ConfigError(f"`waiting_served_ratio` must be >= 0 (got {args.waiting_served_ratio})")
+    if args.cuda_memory_fraction is not None and not 0 < args.cuda_memory_fraction <= 1:
+        raise ConfigError(f"`cuda_memory_fraction` must be in (0, 1] (got {args.cuda_memory_fraction})")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not a valid TCP port")
+    if not 0 < args.master_port < 65536:
+        raise ConfigError(f"--master-port {args.master_port} is not a valid TCP port")
+    max_input, max_total = args.effective_max_input_tokens, args.max_total_tokens
+    prefill, batch_total = args.max_batch_prefill_tokens, args.max_batch_total_tokens
+    if max_input is not None and max_total is not None and max_input >= max_total:
+        raise ConfigError(f"`max_input_tokens`({max_input}) must be < `max_total_tokens`({max_total})")
+    if max_total is not None and batch_total is not None and max_total > batch_total:
+        raise ConfigError(
+            f"`max_total_tokens` must be <= `max_batch_total_tokens`. Given: {max_total} and {batch_total}")
+    if prefill is not None and max_input is not None and prefill < max_input:
+        raise ConfigError(
+            f"`max_batch_prefill_tokens` must be >= `max_input_tokens`. Given: {prefill} and {max_input}")
+    if prefill is not None and batch_total is not None and prefill > batch_total:
+        raise ConfigError(
+            f"`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`. Given: {prefill} and {batch_total}")
+    if not args.shard_uds_path:
+        raise ConfigError("--shard-uds-path must not be empty")
+
+
+def validate_shards(args: LauncherArgs, num_shard: int) -> None:
+    """Checks that need the resolved shard count."""
+    longest = f"{args.shard_uds_path}-{num_shard - 1}"
+    if len(longest.encode()) > MAX_UDS_PATH:
+        raise ConfigError(
+            f"--shard-uds-path is too long: {longest!r} exceeds the {MAX_UDS_PATH}-byte unix socket limit")
+
+
+def shard_log_level(log_level: str) -> str:
+    """Map TGI's LOG_LEVEL (a level or a tracing filter) to a Python logging level for the shards."""
+    value = log_level.strip().lower()
+    simple = {"trace": "DEBUG", "debug": "DEBUG", "info": "INFO", "warn": "WARNING", "warning": "WARNING",
+              "error": "ERROR", "critical": "CRITICAL"}
+    return simple.get(value, "INFO")

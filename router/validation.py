@@ -1,0 +1,204 @@
+"""Request validation: a parsed `GenerateRequest` → a fully resolved, frozen `ValidRequest`.
+
+Rules, their order (the first failing rule answers) and their messages follow TGI's
+`router/src/validation.rs` (`Validation::validate`, `validate_input`, `validate_best_of`) and the
+stream checks of `server.rs::generate_stream_internal`:
+
+ 1. streaming: `best_of != 1` ⇒ BestOfStream; `decoder_input_details` ⇒ PrefillDetailsStream
+ 2. `best_of != 1`: max_best_of == 1 ⇒ BestOfDisabled; outside 1..=max_best_of ⇒ BestOf
+ 3. best_of > 1 without sampling ⇒ BestOfSampling
+ 4. temperature, repetition_penalty, frequency_penalty, [presence_penalty, min_p], top_p,
+    typical_p, top_k, max_new_tokens == 0, stop count, seed with best_of > 1, top_n_tokens,
+    empty inputs, truncate
+ 5. tokenize; input + max_new_tokens ≤ max_total_tokens (checked before the input length, as in
+    TGI); input length ≤ max_input_tokens
+ 6. grammar
+
+Deliberate differences from TGI (the messages of rejected values stay TGI's, word for word,
+because clients and tests compare them):
+- `temperature == 0` is accepted and means greedy (OpenAI convention; TGI rejects it). The
+  resolved parameters are then do_sample=False with every warper neutral, so no shard can sample.
+- `top_p == 1.0` is accepted and means "off" (OpenAI clients send it; TGI rejects it).
+- `presence_penalty` ∈ [-2, 2] and `min_p` ∈ [0, 1] are extra knobs TGI's /generate lacks.
+- `best_of == 0` is rejected with TGI's BestOf message; TGI itself lets 0 through as 1.
+- `max_new_tokens` absent ⇒ `max_total_tokens - input_length` in one go. TGI schedules that in
+  segments of 1024 tokens and checks `input + min(that, 1024)`; without segments the two are the
+  same check because the absent value always fits exactly.
+- `grammar` is rejected ("grammar is not supported") whatever `disable_grammar_support` says,
+  until grammar-constrained decoding exists; never silently ignored.
+- `adapter_id` is parsed but not used (no LoRA adapters yet).
+- Stop sequences are matched on the generated text (router side), not token ids.
+
+`ValidParameters.do_sample` is the *effective* choice (TGI's shard rule: `do_sample` or any
+active warper; ours adds temperature 0 ⇒ greedy), so the router knows whether to report a seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from router.errors import ValidationError
+from router.schemas import GenerateParameters, GenerateRequest
+from router.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationLimits:
+    max_best_of: int
+    max_stop_sequences: int
+    max_top_n_tokens: int
+    max_input_tokens: int
+    max_total_tokens: int
+    disable_grammar_support: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError("`max_input_tokens` must be < `max_total_tokens`")
+
+
+@dataclass(frozen=True, slots=True)
+class ValidParameters:
+    temperature: float  # 1.0 when greedy
+    top_k: int  # 0: off
+    top_p: float  # 1.0: off
+    typical_p: float  # 1.0: off
+    min_p: float  # 0.0: off
+    do_sample: bool  # effective: sample (True) or argmax (False)
+    seed: int | None  # None: the shard draws one (and reports it)
+    repetition_penalty: float  # 1.0: off
+    frequency_penalty: float  # 0.0: off
+    presence_penalty: float  # 0.0: off
+    watermark: bool
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    return_full_text: bool
+    details: bool  # details or decoder_input_details
+    decoder_input_details: bool
+    top_n_tokens: int
+    best_of: int
+
+
+@dataclass(frozen=True, slots=True)
+class ValidRequest:
+    input_ids: tuple[int, ...]  # after truncation: what the shards compute
+    input_text: str  # the request's `inputs`, untruncated (for return_full_text)
+    input_length: int
+    truncated: bool  # `truncate` dropped tokens from the left
+    parameters: ValidParameters
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValidationError(message)
+
+
+class Validator:
+    def __init__(self, tokenizer: Tokenizer, limits: ValidationLimits) -> None:
+        self.tokenizer = tokenizer
+        self.limits = limits
+
+    async def validate(self, request: GenerateRequest) -> ValidRequest:
+        limits = self.limits
+        p: GenerateParameters = request.parameters
+        best_of = 1 if p.best_of is None else p.best_of
+
+        if request.stream:
+            _check(best_of == 1, "`best_of` != 1 is not supported when streaming tokens")
+            _check(not p.decoder_input_details,
+                   "`decoder_input_details` == true is not supported when streaming tokens")
+        if best_of != 1:
+            _check(limits.max_best_of != 1, "`best_of` != 1 is not allowed for this endpoint")
+            _check(0 < best_of <= limits.max_best_of,
+                   f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}")
+
+        greedy_by_temperature = p.temperature == 0.0
+        # TGI's rule: sampling was asked for if do_sample or any warper field is present.
+        sampling_requested = not greedy_by_temperature and (
+            p.do_sample or p.temperature is not None or p.top_k is not None or p.top_p is not None
+            or p.typical_p is not None or p.min_p is not None
+        )
+        _check(not (best_of > 1 and not sampling_requested), "you must use sampling when `best_of` is > 1")
+
+        temperature = 1.0 if p.temperature is None else p.temperature
+        _check(temperature >= 0.0, "`temperature` must be strictly positive")
+
+        repetition_penalty = 1.0 if p.repetition_penalty is None else p.repetition_penalty
+        _check(repetition_penalty > 0.0, "`repetition_penalty` must be strictly positive")
+
+        frequency_penalty = 0.0 if p.frequency_penalty is None else p.frequency_penalty
+        _check(-2.0 <= frequency_penalty <= 2.0, "`frequency_penalty` must be >= -2.0 and <= 2.0")
+
+        presence_penalty = 0.0 if p.presence_penalty is None else p.presence_penalty
+        _check(-2.0 <= presence_penalty <= 2.0, "`presence_penalty` must be >= -2.0 and <= 2.0")
+
+        min_p = 0.0 if p.min_p is None else p.min_p
+        _check(0.0 <= min_p <= 1.0, "`min_p` must be >= 0.0 and <= 1.0")
+
+        top_p = 1.0 if p.top_p is None else p.top_p
+        _check(0.0 < top_p <= 1.0, "`top_p` must be > 0.0 and < 1.0")
+
+        typical_p = 1.0 if p.typical_p is None else p.typical_p
+        _check(p.typical_p is None or 0.0 < typical_p < 1.0, "`typical_p` must be > 0.0 and < 1.0")
+
+        top_k = 0 if p.top_k is None else p.top_k
+        _check(p.top_k is None or top_k > 0, "`top_k` must be strictly positive")
+
+        _check(p.max_new_tokens != 0, "`max_new_tokens` must be strictly positive")
+
+        stop = tuple(p.stop)
+        _check(len(stop) <= limits.max_stop_sequences,
+               f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}")
+
+        _check(p.seed is None or best_of <= 1, "`seed` must not be set when `best_of` > 1")
+
+        top_n_tokens = 0 if p.top_n_tokens is None else p.top_n_tokens
+        _check(top_n_tokens <= limits.max_top_n_tokens,
+               f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {top_n_tokens}")
+
+        _check(len(request.inputs) > 0, "`inputs` cannot be empty")
+
+        truncate = p.truncate
+        _check(truncate is None or 0 < truncate <= limits.max_input_tokens,
+               f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {truncate}")
+
+        try:
+            ids = await self.tokenizer.aencode(request.inputs, request.add_special_tokens)
+        except Exception as error:  # the Rust tokenizer's failures surface as exceptions
+            raise ValidationError(f"tokenizer error {error}") from error
+        input_length = len(ids) if truncate is None else min(len(ids), truncate)
+
+        if p.max_new_tokens is None:
+            max_new_tokens = max(limits.max_total_tokens - input_length, 0)
+        else:
+            max_new_tokens = p.max_new_tokens
+        _check(input_length + max_new_tokens <= limits.max_total_tokens,
+               f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+               f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`")
+        _check(input_length <= limits.max_input_tokens,
+               f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {input_length}")
+
+        _check(p.grammar is None, "grammar is not supported")
+
+        if greedy_by_temperature:
+            temperature, top_k, top_p, typical_p, min_p = 1.0, 0, 1.0, 1.0, 0.0
+            do_sample = False
+        else:
+            has_warper = temperature != 1.0 or top_k > 0 or top_p < 1.0 or typical_p < 1.0 or min_p > 0.0
+            do_sample = p.do_sample or has_warper
+
+        parameters = ValidParameters(
+            temperature=temperature, top_k=top_k, top_p=top_p, typical_p=typical_p, min_p=min_p,
+            do_sample=do_sample, seed=p.seed, repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+            watermark=p.watermark, max_new_tokens=max_new_tokens, stop=stop,
+            return_full_text=bool(p.return_full_text),
+            details=p.details or p.decoder_input_details,
+            decoder_input_details=p.decoder_input_details,
+            top_n_tokens=top_n_tokens, best_of=best_of,
+        )
+        kept = tuple(ids[len(ids) - input_length:])
+        return ValidRequest(
+            input_ids=kept, input_text=request.inputs, input_length=input_length,
+            truncated=input_length < len(ids), parameters=parameters,
+        )
+

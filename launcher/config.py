@@ -84,7 +84,7 @@ class LauncherArgs:
     env: bool = False
     # Not flags: LOG_LEVEL (TGI's env-only filter) and which options the user set.
     log_level: str = "info"
-    explicit: frozenset[str] = field(default_factory=frozenset)
+    explicit: frozenset[str] = field(default_factory=frozenset, repr=False)
 
     @property
     def effective_max_input_tokens(self) -> int | None:

@@ -61,7 +61,9 @@ async def read_json(request: web.Request):
     try:
         return await request.json(loads=json.loads)
     except json.JSONDecodeError as error:
-        raise ValidationError(f"Failed to parse the request body as JSON: {error}", prefix=False) from error
+        error_400 = ValidationError(f"Failed to parse the request body as JSON: {error}", prefix=False)
+        error_400.status = 400  # a syntax error, not a wrong shape (axum: 400 vs 422)
+        raise error_400 from error
 
 
 class TgiRoutes:
@@ -98,16 +100,20 @@ class TgiRoutes:
         start = time.monotonic()
         infer = state.infer
         state.metrics.request_count.inc()
-        valid = await infer.validate(body)
-        best_of = valid.parameters.best_of
-        infer.acquire(best_of)
+        # TGI takes a permit before validating (an overloaded server answers 429 first), and one
+        # more per extra best_of sequence.
+        infer.acquire()
+        permits = 1
         try:
-            if best_of > 1:
+            valid = await infer.validate(body)
+            if valid.parameters.best_of > 1:
+                infer.acquire(valid.parameters.best_of - 1)
+                permits = valid.parameters.best_of
                 best, others = await infer.generate_best_of(valid)
             else:
                 best, others = await infer.generate(valid), []
         finally:
-            infer.release(best_of)
+            infer.release(permits)
         payload = {"generated_text": best.finish.generated_text}
         params = valid.parameters
         if params.details or params.decoder_input_details:
@@ -125,9 +131,9 @@ class TgiRoutes:
         body.stream = True
         # Admission and validation happen before the stream opens so that clients get real
         # 429 / 422 statuses; anything later arrives as an error event.
-        valid = await infer.validate(body)
         infer.acquire()
         try:
+            valid = await infer.validate(body)
             writer = await SseWriter.open(request, {
                 "x-compute-type": COMPUTE_TYPE, "x-compute-characters": str(len(valid.input_text))})
             events = infer.stream(valid)

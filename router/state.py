@@ -79,7 +79,8 @@ class AppState:
         client = await ShardedClient.connect(config.master_shard_uds_path)
         await client.clear_cache(None)
         info = await client.info()
-        tokenizer = Tokenizer.from_folder(Path(info.model_path), config.tokenizer_config_path)
+        tokenizer = Tokenizer.from_folder(Path(info.model_path), config.tokenizer_config_path,
+                                         workers=config.validation_workers)
         prefill_tokens = resolve_prefill_tokens(config, info.device_type)
         max_input = config.max_input_tokens or min(prefill_tokens, info.max_position_embeddings - 1)
         # On CPU the warmup only has to prove the step works: a full-budget prefill costs seconds.

@@ -101,12 +101,13 @@ class Tokenizer:
 
     @classmethod
     def from_folder(
-        cls, path: str | Path, *, tokenizer_config_path: str | Path | None = None, workers: int = 2
+        cls, path: str | Path, tokenizer_config_path: str | Path | None = None, *, workers: int = 2
     ) -> "Tokenizer":
         """Load tokenizer.json and the tokenizer_config facts from a model folder.
 
         `tokenizer_config_path` replaces the folder's tokenizer_config.json (TGI's
-        `--tokenizer-config-path`).
+        `--tokenizer-config-path`); `workers` threads encode large inputs (TGI's
+        `--validation-workers`).
         """
         folder = Path(path)
         tokenizer_file = folder / "tokenizer.json"

@@ -47,10 +47,9 @@ def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_
     except ValueError as error:
         sys.exit(f"error: {error}")
     setup_logging(config.log_level, config.json_output, config.rank)
-    engine = _load(config)
     from shard.server import serve as serve_grpc
 
-    asyncio.run(serve_grpc(engine, config.uds_path, config.rank, config.world_size))
+    asyncio.run(serve_grpc(lambda: _load(config), config.uds_path, config.rank, config.world_size))
 
 
 def _load(config):

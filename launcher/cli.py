@@ -1,0 +1,214 @@
+"""`text-generation-launcher`: TGI's launcher flags and env vars → LauncherArgs → Supervisor.
+
+Precedence for every option: command-line flag > TGI-named env var > SageMaker env var
+(HF_MODEL_ID, SM_NUM_GPUS, …; see config.SAGEMAKER_ENV) > default. Errors are one line on stderr
+(`error: …`) with exit code 2, before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+from click.core import ParameterSource
+
+from launcher import config
+from launcher.config import ConfigError, LauncherArgs
+
+_DEFAULTS = config.defaults()
+_NO_ENV = {"env"}  # TGI's -e/--env has no env var
+
+
+def _option(*decls: str, help: str, **kwargs):
+    """A click option whose env var is TGI's (the name in upper case) and whose default is LauncherArgs'."""
+    long = next(d for d in decls if d.startswith("--"))
+    name = long[2:].split("/")[0].replace("-", "_")
+    if name not in _NO_ENV:
+        kwargs.setdefault("envvar", name.upper())
+    if kwargs.get("multiple"):
+        kwargs.setdefault("default", ())
+    else:
+        kwargs.setdefault("default", _DEFAULTS[name])
+    kwargs.setdefault("show_default", kwargs["default"] not in (None, ()))
+    return click.Option([*decls, name], help=help, **kwargs)
+
+
+_OPTIONS = [
+    _option("--model-id", help="Hub model id or local folder/.gguf file (default: the bundled SmolLM2-135M-Instruct)."),
+    _option("--revision", help="Hub revision: a commit, branch or `refs/pr/N`."),
+    _option("--validation-workers", type=int, help="Tokenizer/validation workers in the router; must be > 0."),
+    _option("--sharded", type=click.BOOL, metavar="true|false",
+            help="Shard the model over several processes (see --num-shard)."),
+    _option("--num-shard", type=int, help="Number of shards (default: one per visible GPU, or 1 on CPU)."),
+    _option("--quantize", type=click.Choice(config.QUANTIZE_CHOICES, case_sensitive=False),
+            help="Weight quantization (not supported yet: every value is rejected)."),
+    _option("--dtype", type=click.Choice(config.DTYPE_CHOICES), help="Weights dtype (default: float32 on CPU, float16 on GPU)."),
+    _option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run."),
+    _option("--max-concurrent-requests", type=int, help="Requests in flight before new ones get 429."),
+    _option("--max-best-of", type=int, help="Largest `best_of` a request may ask for."),
+    _option("--max-stop-sequences", type=int, help="Most stop sequences per request."),
+    _option("--max-top-n-tokens", type=int, help="Largest `top_n_tokens` per request."),
+    _option("--max-input-tokens", type=int, help="Longest prompt in tokens (default: decided by the router/shards)."),
+    _option("--max-input-length", type=int, help="Deprecated alias of --max-input-tokens (setting both is an error)."),
+    _option("--max-total-tokens", type=int, help="Longest prompt + generation in tokens (default: decided at warmup)."),
+    _option("--waiting-served-ratio", type=float, help="Waiting/running ratio that forces a prefill into a decode batch."),
+    _option("--max-batch-prefill-tokens", type=int, help="Token budget of one prefill step (default: the router's)."),
+    _option("--max-batch-total-tokens", type=int, help="Token budget of a whole batch incl. KV cache (default: inferred at warmup)."),
+    _option("--max-waiting-tokens", type=int, help="Decode steps a waiting request may wait before a forced prefill."),
+    _option("--max-batch-size", type=int, help="Most requests in one batch (default: no limit)."),
+    _option("--hostname", help="Address the HTTP server binds (env HOSTNAME, as in TGI)."),
+    _option("-p", "--port", type=int, help="HTTP port."),
+    _option("--shard-uds-path", help="Unix socket prefix; shard r listens on {path}-{r}."),
+    _option("--master-addr", help="torch.distributed master address (MASTER_ADDR for the shards)."),
+    _option("--master-port", type=int, help="torch.distributed master port (MASTER_PORT for the shards)."),
+    _option("--huggingface-hub-cache", help="Hub cache folder for downloads (HUGGINGFACE_HUB_CACHE for children)."),
+    _option("--weights-cache-override", help="Exported as WEIGHTS_CACHE_OVERRIDE to download-weights and the shards."),
+    _option("--cuda-memory-fraction", type=float, help="Fraction of free GPU memory a shard may use (CUDA only)."),
+    _option("--json-output", is_flag=True, help="Log JSON lines (launcher, router and shards)."),
+    _option("--otlp-endpoint", help="OpenTelemetry gRPC endpoint for the router's traces."),
+    _option("--otlp-service-name", help="OpenTelemetry service name."),
+    _option("--cors-allow-origin", multiple=True, help="Allowed CORS origin (repeatable; default: any)."),
+    _option("--api-key", help="Require `Authorization: Bearer KEY` on generation routes."),
+    _option("--watermark-gamma", type=float, help="Watermark gamma (WATERMARK_GAMMA for the shards)."),
+    _option("--watermark-delta", type=float, help="Watermark delta (WATERMARK_DELTA for the shards)."),
+    _option("--tokenizer-config-path", help="tokenizer_config.json to use instead of the model's (chat template)."),
+    _option("--disable-grammar-support", is_flag=True, help="Reject grammar-constrained requests (422)."),
+    _option("--max-client-batch-size", type=int, help="Most prompts in one /v1/completions request."),
+    _option("--payload-limit", type=int, help="Largest HTTP request body in bytes (413 above)."),
+    _option("-g", "--graceful-termination-timeout", type=int,
+            help="Seconds between SIGTERM and SIGKILL when stopping the router and shards."),
+    _option("--disable-prefix-caching", is_flag=True, help="Turn off the router's prefix cache."),
+    _option("--usage-stats", type=click.Choice(config.USAGE_STATS_CHOICES, case_sensitive=False),
+            help="Accepted for TGI compatibility; pytgi never sends usage statistics."),
+    _option("-e", "--env", is_flag=True, help="Log information about the runtime environment at start-up."),
+]
+
+
+class LauncherCommand(click.Command):
+    """Maps SageMaker env vars to defaults, and prints usage errors as one `error: …` line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        extra.setdefault("default_map", config.sagemaker_defaults(os.environ))
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as error:
+            click.echo(f"error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            sys.exit(130)
+        sys.exit(code or 0)
+
+
+def _build_args(ctx: click.Context, params: dict) -> LauncherArgs:
+    explicit = frozenset(
+        name for name in params
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+    )
+    values = {name: (tuple(value) if isinstance(value, list) else value) for name, value in params.items()}
+    if values.get("quantize"):
+        values["quantize"] = values["quantize"].lower()
+    return LauncherArgs(**values, log_level=os.environ.get("LOG_LEVEL", "info"), explicit=explicit)
+
+
+def _main(**params) -> int:
+    from launcher.gpu import count_visible_gpus
+
+    ctx = click.get_current_context()
+    args = _build_args(ctx, params)
+    env = dict(os.environ)
+    try:
+        config.validate(args)
+        num_shard = config.resolve_num_shard(args.sharded, args.num_shard, count_visible_gpus(env))
+        config.validate_shards(args, num_shard)
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
+
+    return launch(args, num_shard, env)
+
+
+def launch(args: LauncherArgs, num_shard: int, env: dict[str, str]) -> int:
+    """Log the start-up summary and run the supervisor until shutdown; returns the exit code."""
+    from launcher.supervisor import Supervisor
+
+    supervisor = Supervisor(args, num_shard, env)
+    out = supervisor.out
+    if args.env:
+        out.log("INFO", "runtime environment", env_info(env))
+    out.log("INFO", f"args: {args.redacted()}")
+    if num_shard > 1:
+        out.log("INFO", f"sharding the model on {num_shard} processes")
+    if args.trust_remote_code:
+        out.log("WARN", f"--trust-remote-code is set: trusting that {args.model_id or 'the model'} "
+                        "contains no malicious code")
+    if args.usage_stats != "off":
+        out.log("INFO", "--usage-stats is accepted for compatibility; pytgi never sends usage statistics")
+    return supervisor.run()
+
+
+main = LauncherCommand(
+    "text-generation-launcher",
+    callback=_main,
+    params=_OPTIONS,
+    help="Serve a model over TGI's HTTP API: spawns the shards and the router and supervises them.",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+main = click.version_option(package_name="pytgi", message="text-generation-launcher (pytgi) %(version)s")(main)
+
+
+def env_info(env: dict[str, str]) -> list[str]:
+    """TGI's `--env` report, for bug reports: versions, devices, the variables that matter."""
+    import platform
+
+    from launcher.gpu import count_visible_gpus
+
+    lines = [
+        f"pytgi {_version('pytgi')}",
+        f"python {sys.version.split()[0]} ({sys.executable})",
+        f"platform {platform.platform()} ({platform.machine()}), {os.cpu_count()} CPUs",
+    ]
+    for package in ("torch", "transformers", "tokenizers", "huggingface_hub", "grpcio", "aiohttp"):
+        lines.append(f"{package} {_version(package)}")
+    lines.append(f"visible GPUs: {count_visible_gpus(env)}")
+    for var in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HF_HOME", "HUGGINGFACE_HUB_CACHE",
+                "HF_HUB_OFFLINE", "PYTGI_CACHE", "LOG_LEVEL"):
+        if var in env:
+            lines.append(f"{var}={env[var]}")
+    return lines
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def flag_table() -> str:
+    """The Markdown table of every launcher flag (for the README), generated from the click command."""
+    rows = ["| Flag | Env var | Default | Description |", "|---|---|---|---|"]
+    for param in main.params:
+        if not isinstance(param, click.Option) or param.name in ("help", "version"):
+            continue
+        flags = ", ".join(f"`{opt}`" for opt in sorted(param.opts, key=len))
+        if not param.is_flag and param.metavar is not None:
+            flags += f" `{param.metavar}`"
+        elif isinstance(param.type, click.Choice):
+            flags += f" `{'|'.join(param.type.choices)}`"
+        env = f"`{param.envvar}`" if param.envvar else ""
+        default = param.default
+        if default is None or default == ():
+            shown = ""
+        elif isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        else:
+            shown = f"`{default}`"
+        cells = (flags, env, shown, param.help or "")
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    main()

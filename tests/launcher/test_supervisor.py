@@ -1,0 +1,214 @@
+"""Supervisor behaviour with fake children: start-up, failures, signals, grace period, no orphans."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from launcher.supervisor import Supervisor
+
+from .conftest import FAKE, alive, wait_until
+
+
+def sigterm_self():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_start_then_sigterm_stops_router_first_and_exits_0(harness):
+    run = harness.run(harness.supervisor(num_shard=2), when="ready:", action=sigterm_self)
+    assert run.code == 0, run.output
+    out = run.output
+    assert "shard 0 ready" in out and "shard 1 ready" in out
+    assert "[shard-1] shard-1 starting RANK=1 WORLD_SIZE=2 MASTER_PORT=29500" in out
+    assert "[shard-0] shard-0 a warning on stderr" in out  # stderr is relayed too
+    assert "[router] router listening" in out
+    assert "received SIGTERM" in out
+    # the router is stopped (and drained) before any shard gets SIGTERM
+    assert out.index("[router] router got SIGTERM") < out.index("[shard-0] shard-0 got SIGTERM")
+    assert "[shard-1] shard-1 got SIGTERM" in out
+    harness.assert_no_orphans()
+
+
+def test_shard_failing_during_load_exits_nonzero_fast_with_its_stderr(harness):
+    harness.shard_opts = {1: ["--fail-load", "--delay", "0.2"]}
+    run = harness.run(harness.supervisor(num_shard=2))
+    assert run.code == 1
+    assert run.elapsed < 5, run.elapsed
+    out = run.output
+    assert "shard 1 (pid" in out and "exited unexpectedly (exit code 1)" in out
+    assert "last 20 stderr line(s):" in out
+    assert "  | error: shard-1 could not load the model" in out
+    assert "  | shard-1 traceback line 24" in out
+    assert "  | shard-1 traceback line 4\n" not in out  # only the last 20 lines are reported
+    assert "[router]" not in out  # the router never started
+    assert "[shard-0] shard-0 got SIGTERM" in out  # the healthy shard was stopped
+    harness.assert_no_orphans()
+
+
+def test_child_killed_later_terminates_the_rest_and_exits_nonzero(harness):
+    def kill_shard_0():
+        os.kill(harness.pids()["shard-0"], signal.SIGKILL)
+
+    run = harness.run(harness.supervisor(num_shard=2), when="ready:", action=kill_shard_0)
+    assert run.code == 1, run.output
+    assert "shard 0 (pid" in run.output and "exited unexpectedly (killed by signal SIGKILL)" in run.output
+    assert "[router] router got SIGTERM" in run.output
+    assert "[shard-1] shard-1 got SIGTERM" in run.output
+    harness.assert_no_orphans()
+
+
+def test_router_exiting_is_a_failure(harness):
+    harness.router_opts = ["--exit-after", "0.3", "--code", "3"]
+    run = harness.run(harness.supervisor())
+    assert run.code == 1
+    assert "router (pid" in run.output and "exited unexpectedly (exit code 3)" in run.output
+    assert "  | router exiting with 3" in run.output
+    assert "[shard-0] shard-0 got SIGTERM" in run.output
+    harness.assert_no_orphans()
+
+
+def test_child_ignoring_sigterm_gets_sigkill_after_grace(harness):
+    harness.shard_opts = {0: ["--ignore-term"]}
+    supervisor = harness.supervisor(args=harness.args(graceful_termination_timeout=1))
+    run = harness.run(supervisor, when="ready:", action=sigterm_self)
+    assert run.code == 0, run.output
+    assert "shard 0 did not exit within 1 s of SIGTERM; sending SIGKILL" in run.output
+    assert 1 <= run.elapsed < 6
+    harness.assert_no_orphans()
+
+
+def test_second_signal_skips_the_grace_period(harness):
+    harness.shard_opts = {0: ["--ignore-term"]}
+
+    def two_signals():
+        sigterm_self()
+        time.sleep(0.5)
+        sigterm_self()
+
+    supervisor = harness.supervisor(args=harness.args(graceful_termination_timeout=60))
+    run = harness.run(supervisor, when="ready:", action=two_signals)
+    assert run.code == 0
+    assert run.elapsed < 10
+    harness.assert_no_orphans()
+
+
+def test_signal_during_model_load_stops_everything_and_exits_0(harness):
+    harness.shard_opts = {0: ["--delay", "60"], 1: ["--delay", "60"]}
+    run = harness.run(harness.supervisor(num_shard=2, progress_interval=0.2),
+                      when="waiting for shard 0", action=sigterm_self)
+    assert run.code == 0, run.output
+    assert run.elapsed < 5
+    assert "waiting for shard 0 (" in run.output
+    assert "[router]" not in run.output
+    harness.assert_no_orphans()
+
+
+def test_grandchildren_are_stopped_with_their_process_group(harness):
+    harness.shard_opts = {0: ["--grandchild"]}
+    run = harness.run(harness.supervisor(), when="ready:", action=sigterm_self)
+    assert run.code == 0
+    assert "shard-0" in harness.pids(".grandchild")
+    harness.assert_no_orphans()
+
+
+def test_download_runs_first_and_its_failure_stops_the_launch(harness):
+    harness.download_opts = ["--code", "2"]
+    run = harness.run(harness.supervisor())
+    assert run.code == 1
+    assert "download-weights failed (exit code 2)" in run.output
+    assert "  | error: download could not load the model" in run.output
+    assert set(harness.pids()) == {"download"}  # no shard was started
+
+
+def test_download_success_then_shards(harness):
+    harness.download_opts = ["--code", "0"]
+    run = harness.run(harness.supervisor(), when="ready:", action=sigterm_self)
+    assert run.code == 0, run.output
+    assert run.output.index("[download] /tmp/resolved-model-folder") < run.output.index("[shard-0]")
+    harness.assert_no_orphans()
+
+
+def test_json_output_wraps_plain_lines_and_passes_json_through(harness):
+    harness.shard_opts = {0: ["--json"]}
+    run = harness.run(harness.supervisor(args=harness.args(json_output=True)), when="ready:", action=sigterm_self)
+    assert run.code == 0
+    records = [json.loads(line) for line in run.output.splitlines()]  # every line is JSON
+    assert {"level": "INFO", "target": "fake", "message": "shard-0 json line"} in records
+    wrapped = next(r for r in records if r["message"] == "shard-0 a warning on stderr")
+    assert wrapped["target"] == "shard-0" and wrapped["stream"] == "stderr" and wrapped["level"] == "WARN"
+    assert any(r["target"] == "launcher" and r["message"].startswith("ready:") for r in records)
+
+
+def test_stale_socket_files_are_removed_and_live_ones_refused(harness):
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(f"{harness.uds}-0")
+    stale.close()  # the file stays, nobody listens: a crashed shard's leftover
+    run = harness.run(harness.supervisor(), when="ready:", action=sigterm_self)
+    assert run.code == 0, run.output
+
+    with socket.socket(socket.AF_UNIX) as live:
+        os.unlink(f"{harness.uds}-0")
+        live.bind(f"{harness.uds}-0")
+        live.listen()
+        run = harness.run(harness.supervisor())
+    assert run.code == 1
+    assert "is in use by a running server" in run.output
+    assert "[shard-0]" not in run.output
+
+
+def test_port_in_use_fails_before_starting_anything(harness):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", harness.port))
+        busy.listen()
+        run = harness.run(harness.supervisor())
+    assert run.code == 1
+    assert f"port {harness.port} on 127.0.0.1 is already in use" in run.output
+    assert harness.pids() == {}
+
+
+def test_missing_executable_is_one_error_line(harness):
+    supervisor = Supervisor(harness.args(), 1, {"PATH": "/nonexistent"}, download_cmd=None,
+                            shard_cmd=lambda a, r, w: ["no-such-shard-binary"], out=io.StringIO())
+    run = harness.run(supervisor)
+    assert run.code == 1
+    assert "no-such-shard-binary not found" in run.output
+
+
+def test_launcher_killed_with_sigkill_takes_its_children_down(harness):
+    """PR_SET_PDEATHSIG: even an un-catchable kill of the launcher leaves no orphans."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).parents[2])!r})
+        from launcher.config import LauncherArgs
+        from launcher.supervisor import Supervisor
+        fake = [sys.executable, {FAKE!r}]
+        args = LauncherArgs(shard_uds_path={harness.uds!r}, port={harness.port}, hostname="127.0.0.1")
+        sup = Supervisor(args, 2, os.environ, download_cmd=None,
+            shard_cmd=lambda a, r, w: fake + ["shard", "--uds", a.shard_uds_path, "--piddir", {str(harness.piddir)!r}],
+            router_cmd=lambda a: fake + ["router", "--port", str(a.port), "--piddir", {str(harness.piddir)!r}],
+            poll_interval=0.05)
+        sys.exit(sup.run())
+    """)
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in launcher.stdout:
+            if "ready:" in line:
+                break
+        children = harness.pids()
+        assert set(children) == {"shard-0", "shard-1", "router"}
+        assert all(alive(pid) for pid in children.values())
+        launcher.kill()
+        launcher.wait(5)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        launcher.stdout.close()
+    assert wait_until(lambda: not any(alive(pid) for pid in children.values()), 5)

@@ -70,12 +70,15 @@ class Infer:
         try:
             while True:
                 event = await entry.events.get()
-                yield event
+                # Metrics before yielding: a consumer may stop iterating at the last event.
                 if isinstance(event, ErrorEvent):
                     self.metrics.request_failure.labels(event.error.error_type).inc()
-                    return
-                if event.finish is not None:
+                elif event.index == 1:
+                    self.metrics.ttft.observe(time.monotonic() - entry.queued_at)
+                if isinstance(event, TokenEvent) and event.finish is not None:
                     self._record(event.finish)
+                yield event
+                if isinstance(event, ErrorEvent) or event.finish is not None:
                     return
         finally:
             if not entry.finished:

@@ -101,7 +101,7 @@ def build_config(
         block_size=block_size,
         memory_fraction=memory_fraction if memory_fraction is not None else float(
             env.get("CUDA_MEMORY_FRACTION" if dev.type == "cuda" else "PYTGI_KV_MEMORY_FRACTION",
-                    "0.9" if dev.type == "cuda" else "0.25")),
+                    "0.9" if dev.type == "cuda" else "0.1")),
         cache_dir=cache_dir,
         hub_cache_dir=Path(hub_cache) if hub_cache else None,
         offline=offline,

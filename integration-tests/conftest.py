@@ -1,0 +1,84 @@
+"""Start the real launcher (bundled SmolLM2, free port, private sockets) once per session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+BIN = Path(sys.executable).parent
+STARTUP_TIMEOUT = 300  # the first run converts the bundled GGUF (~25 s) before loading
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    uds_path: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_launcher(*args: str, env: dict | None = None) -> Server:
+    port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="pytgi-it-"))
+    uds = str(tmp / "shard")
+    log_path = tmp / "launcher.log"
+    command = [str(BIN / "text-generation-launcher"), "--hostname", "127.0.0.1", "--port", str(port),
+               "--shard-uds-path", uds, "--max-batch-total-tokens", "32768", *args]
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                               start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, uds)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"launcher exited with {process.returncode}:\n{server.log()[-3000:]}")
+        try:
+            if requests.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    stop_launcher(server)
+    raise RuntimeError(f"launcher not healthy after {STARTUP_TIMEOUT} s:\n{server.log()[-3000:]}")
+
+
+def stop_launcher(server: Server, timeout: float = 30) -> int:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+    return server.process.returncode
+
+
+@pytest.fixture(scope="session")
+def server():
+    server = start_launcher()
+    yield server
+    stop_launcher(server)
+
+
+@pytest.fixture(scope="session")
+def url(server) -> str:
+    return server.url

@@ -21,7 +21,7 @@ _NO_ENV = {"env"}  # TGI's -e/--env has no env var
 
 
 def _option(*decls: str, help: str, **kwargs):
-    """A click option whose env var is TGI's (the name in upper case) and whose default is LauncherArgs'."""
+    """A click option with TGI's env var (the name in upper case) and LauncherArgs' default."""
     long = next(d for d in decls if d.startswith("--"))
     name = long[2:].split("/")[0].replace("-", "_")
     if name not in _NO_ENV:
@@ -35,36 +35,49 @@ def _option(*decls: str, help: str, **kwargs):
 
 
 _OPTIONS = [
-    _option("--model-id", help="Hub model id or local folder/.gguf file (default: the bundled SmolLM2-135M-Instruct)."),
+    _option("--model-id",
+            help="Hub model id or local folder/.gguf file (default: the bundled SmolLM2-135M-Instruct)."),
     _option("--revision", help="Hub revision: a commit, branch or `refs/pr/N`."),
-    _option("--validation-workers", type=int, help="Tokenizer/validation workers in the router; must be > 0."),
+    _option("--validation-workers", type=int,
+            help="Tokenizer/validation workers in the router; must be > 0."),
     _option("--sharded", type=click.BOOL, metavar="true|false",
             help="Shard the model over several processes (see --num-shard)."),
     _option("--num-shard", type=int, help="Number of shards (default: one per visible GPU, or 1 on CPU)."),
     _option("--quantize", type=click.Choice(config.QUANTIZE_CHOICES, case_sensitive=False),
             help="Weight quantization (not supported yet: every value is rejected)."),
-    _option("--dtype", type=click.Choice(config.DTYPE_CHOICES), help="Weights dtype (default: float32 on CPU, float16 on GPU)."),
+    _option("--dtype", type=click.Choice(config.DTYPE_CHOICES),
+            help="Weights dtype (default: float32 on CPU, float16 on GPU)."),
     _option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run."),
     _option("--max-concurrent-requests", type=int, help="Requests in flight before new ones get 429."),
     _option("--max-best-of", type=int, help="Largest `best_of` a request may ask for."),
     _option("--max-stop-sequences", type=int, help="Most stop sequences per request."),
     _option("--max-top-n-tokens", type=int, help="Largest `top_n_tokens` per request."),
-    _option("--max-input-tokens", type=int, help="Longest prompt in tokens (default: decided by the router/shards)."),
-    _option("--max-input-length", type=int, help="Deprecated alias of --max-input-tokens (setting both is an error)."),
-    _option("--max-total-tokens", type=int, help="Longest prompt + generation in tokens (default: decided at warmup)."),
-    _option("--waiting-served-ratio", type=float, help="Waiting/running ratio that forces a prefill into a decode batch."),
-    _option("--max-batch-prefill-tokens", type=int, help="Token budget of one prefill step (default: the router's)."),
-    _option("--max-batch-total-tokens", type=int, help="Token budget of a whole batch incl. KV cache (default: inferred at warmup)."),
-    _option("--max-waiting-tokens", type=int, help="Decode steps a waiting request may wait before a forced prefill."),
+    _option("--max-input-tokens", type=int,
+            help="Longest prompt in tokens (default: decided by the router/shards)."),
+    _option("--max-input-length", type=int,
+            help="Deprecated alias of --max-input-tokens (setting both is an error)."),
+    _option("--max-total-tokens", type=int,
+            help="Longest prompt + generation in tokens (default: decided at warmup)."),
+    _option("--waiting-served-ratio", type=float,
+            help="Waiting/running ratio that forces a prefill into a decode batch."),
+    _option("--max-batch-prefill-tokens", type=int,
+            help="Token budget of one prefill step (default: the router's)."),
+    _option("--max-batch-total-tokens", type=int,
+            help="Token budget of a whole batch incl. KV cache (default: inferred at warmup)."),
+    _option("--max-waiting-tokens", type=int,
+            help="Decode steps a waiting request may wait before a forced prefill."),
     _option("--max-batch-size", type=int, help="Most requests in one batch (default: no limit)."),
     _option("--hostname", help="Address the HTTP server binds (env HOSTNAME, as in TGI)."),
     _option("-p", "--port", type=int, help="HTTP port."),
     _option("--shard-uds-path", help="Unix socket prefix; shard r listens on {path}-{r}."),
     _option("--master-addr", help="torch.distributed master address (MASTER_ADDR for the shards)."),
     _option("--master-port", type=int, help="torch.distributed master port (MASTER_PORT for the shards)."),
-    _option("--huggingface-hub-cache", help="Hub cache folder for downloads (HUGGINGFACE_HUB_CACHE for children)."),
-    _option("--weights-cache-override", help="Exported as WEIGHTS_CACHE_OVERRIDE to download-weights and the shards."),
-    _option("--cuda-memory-fraction", type=float, help="Fraction of free GPU memory a shard may use (CUDA only)."),
+    _option("--huggingface-hub-cache",
+            help="Hub cache folder for downloads (HUGGINGFACE_HUB_CACHE for children)."),
+    _option("--weights-cache-override",
+            help="Exported as WEIGHTS_CACHE_OVERRIDE to download-weights and the shards."),
+    _option("--cuda-memory-fraction", type=float,
+            help="Fraction of free GPU memory a shard may use (CUDA only)."),
     _option("--json-output", is_flag=True, help="Log JSON lines (launcher, router and shards)."),
     _option("--otlp-endpoint", help="OpenTelemetry gRPC endpoint for the router's traces."),
     _option("--otlp-service-name", help="OpenTelemetry service name."),
@@ -72,8 +85,10 @@ _OPTIONS = [
     _option("--api-key", help="Require `Authorization: Bearer KEY` on generation routes."),
     _option("--watermark-gamma", type=float, help="Watermark gamma (WATERMARK_GAMMA for the shards)."),
     _option("--watermark-delta", type=float, help="Watermark delta (WATERMARK_DELTA for the shards)."),
-    _option("--tokenizer-config-path", help="tokenizer_config.json to use instead of the model's (chat template)."),
-    _option("--disable-grammar-support", is_flag=True, help="Reject grammar-constrained requests (422)."),
+    _option("--tokenizer-config-path",
+            help="tokenizer_config.json to use instead of the model's (chat template)."),
+    _option("--disable-grammar-support", is_flag=True,
+            help="Reject grammar-constrained requests (422)."),
     _option("--max-client-batch-size", type=int, help="Most prompts in one /v1/completions request."),
     _option("--payload-limit", type=int, help="Largest HTTP request body in bytes (413 above)."),
     _option("-g", "--graceful-termination-timeout", type=int,
@@ -81,7 +96,8 @@ _OPTIONS = [
     _option("--disable-prefix-caching", is_flag=True, help="Turn off the router's prefix cache."),
     _option("--usage-stats", type=click.Choice(config.USAGE_STATS_CHOICES, case_sensitive=False),
             help="Accepted for TGI compatibility; pytgi never sends usage statistics."),
-    _option("-e", "--env", is_flag=True, help="Log information about the runtime environment at start-up."),
+    _option("-e", "--env", is_flag=True,
+            help="Log information about the runtime environment at start-up."),
 ]
 
 
@@ -153,7 +169,8 @@ main = LauncherCommand(
     help="Serve a model over TGI's HTTP API: spawns the shards and the router and supervises them.",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
-main = click.version_option(package_name="pytgi", message="text-generation-launcher (pytgi) %(version)s")(main)
+main = click.version_option(package_name="pytgi",
+                            message="text-generation-launcher (pytgi) %(version)s")(main)
 
 
 def env_info(env: dict[str, str]) -> list[str]:

@@ -124,7 +124,8 @@ def resolve_num_shard(sharded: bool | None, num_shard: int | None, visible_gpus:
                 "pass --num-shard N to shard on CPU")
         return visible_gpus
     if sharded is True and num_shard is not None and num_shard <= 1:
-        raise ConfigError(f"--sharded true is incompatible with --num-shard {num_shard}; use --num-shard >= 2")
+        raise ConfigError(
+            f"--sharded true is incompatible with --num-shard {num_shard}; use --num-shard >= 2")
     if num_shard is not None:
         return num_shard
     if sharded is False:
@@ -139,7 +140,8 @@ def validate(args: LauncherArgs) -> None:
     if args.max_input_tokens is not None and args.max_input_length is not None:
         raise ConfigError(
             f"both --max-input-tokens ({args.max_input_tokens}) and --max-input-length "
-            f"({args.max_input_length}) are set; use only --max-input-tokens (--max-input-length is deprecated)")
+            f"({args.max_input_length}) are set; use only --max-input-tokens "
+            "(--max-input-length is deprecated)")
     for name in ("validation_workers", "max_concurrent_requests", "max_client_batch_size", "payload_limit",
                  "max_batch_size", "max_input_tokens", "max_input_length", "max_total_tokens",
                  "max_batch_prefill_tokens", "max_batch_total_tokens"):
@@ -172,7 +174,8 @@ def validate(args: LauncherArgs) -> None:
             f"`max_batch_prefill_tokens` must be >= `max_input_tokens`. Given: {prefill} and {max_input}")
     if prefill is not None and batch_total is not None and prefill > batch_total:
         raise ConfigError(
-            f"`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`. Given: {prefill} and {batch_total}")
+            "`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`. "
+            f"Given: {prefill} and {batch_total}")
     if not args.shard_uds_path:
         raise ConfigError("--shard-uds-path must not be empty")
 

@@ -92,7 +92,8 @@ class Output:
             extra = {"details": list(details)} if details else {}
             self._write(self._record(level, "launcher", message, **extra))
             return
-        self._write("\n".join([f"[launcher] {self._now()} {level} {message}", *(f"  | {d}" for d in details)]))
+        lines = [f"[launcher] {self._now()} {level} {message}", *(f"  | {detail}" for detail in details)]
+        self._write("\n".join(lines))
 
     def relay(self, name: str, line: str, stream: str) -> None:
         if not self.json_output:
@@ -120,8 +121,9 @@ class Child:
             text=True, encoding="utf-8", errors="replace", close_fds=True,
             preexec_fn=functools.partial(_child_setup, os.getpid()),
         )
-        self.threads = [threading.Thread(target=self._pump, args=(pipe, kind), daemon=True, name=f"{name}-{kind}")
-                        for pipe, kind in ((self.popen.stdout, "stdout"), (self.popen.stderr, "stderr"))]
+        pipes = ((self.popen.stdout, "stdout"), (self.popen.stderr, "stderr"))
+        self.threads = [threading.Thread(target=self._pump, args=pipe, daemon=True, name=f"{name}-{pipe[1]}")
+                        for pipe in pipes]
         for thread in self.threads:
             thread.start()
 
@@ -215,7 +217,8 @@ def check_port_free(hostname: str, port: int) -> None:
             sock.bind(address)
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                raise StartupError(f"port {port} on {hostname} is already in use; pass another --port") from None
+                message = f"port {port} on {hostname} is already in use; pass another --port"
+                raise StartupError(message) from None
 
 
 def clear_stale_sockets(paths: Sequence[str]) -> None:
@@ -289,7 +292,8 @@ class Supervisor:
             if not self._wait_until(shard, lambda path=path: unix_socket_accepts(path)):
                 return 0 if self.signals else FAILURE
             self.out.log("INFO", f"{shard.label} ready in {time.monotonic() - shard.started:.1f} s")
-        self.router = self._spawn("router", "router", self.router_cmd(args), commands.router_env(args, self.env))
+        self.router = self._spawn("router", "router", self.router_cmd(args),
+                                  commands.router_env(args, self.env))
         if not self._wait_until(self.router, lambda: tcp_port_accepts(args.hostname, args.port)):
             return 0 if self.signals else FAILURE
         self.out.log("INFO", f"ready: router listening on {args.hostname}:{args.port} "
@@ -310,7 +314,8 @@ class Supervisor:
 
     def _spawn(self, name: str, label: str, argv: list[str], env: Mapping[str, str]) -> Child:
         argv = _resolve_exe(argv, env)
-        self.out.log("DEBUG", f"starting {label}: {' '.join(argv)}")
+        shown = ["***" if i and argv[i - 1] == "--api-key" else arg for i, arg in enumerate(argv)]
+        self.out.log("INFO", f"starting {label}: {' '.join(shown)}")
         try:
             return Child(name, label, argv, env, self.out)
         except OSError as error:
@@ -385,7 +390,8 @@ class Supervisor:
             time.sleep(self.poll_interval)
         for child in alive:
             if not child.exited():
-                self.out.log("WARN", f"{child.label} did not exit within {grace} s of SIGTERM; sending SIGKILL")
+                self.out.log("WARN",
+                             f"{child.label} did not exit within {grace} s of SIGTERM; sending SIGKILL")
                 child.signal(signal.SIGKILL)
                 child.popen.wait()
         for child in children:

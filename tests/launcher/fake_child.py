@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--grandchild", action="store_true")
     parser.add_argument("--piddir")
     parser.add_argument("--json", action="store_true")
-    opts = parser.parse_args()
+    opts, _ = parser.parse_known_args()  # like the real router, ignore what it does not know
 
     rank = os.environ.get("RANK", "0")
     name = f"{opts.role}-{rank}" if opts.role == "shard" else opts.role

@@ -166,7 +166,7 @@ def test_exit_code_of_the_launch_is_the_process_exit_code(launched, monkeypatch)
 
 def test_help_and_version():
     result = CliRunner().invoke(cli.main, ["--help"])
-    assert result.exit_code == 0 and "--max-batch-prefill-tokens" in result.output and "MAX_BATCH_SIZE" not in ""
+    assert result.exit_code == 0 and "--max-batch-prefill-tokens" in result.output
     result = CliRunner().invoke(cli.main, ["--version"])
     assert result.exit_code == 0 and "pytgi" in result.output
 
@@ -197,7 +197,7 @@ def test_flag_table_renders():
     options = [opt for opt in cli.main.params if isinstance(opt, click.Option) and opt.name not in ("help", "version")]
     assert len(rows) == 2 + len(options)
     for opt, row in zip(options, rows[2:]):
-        assert row.count(" | ") == 3 and not re.search(r"[^\\]\|[^ ]", row.strip("| ")), row
+        assert len(re.split(r"(?<!\\)\|", row.strip().strip("|"))) == 4, row  # escaped pipes stay in their cell
         assert f"`--{opt.name.replace('_', '-')}`" in row
         if opt.envvar:
             assert f"`{opt.envvar}`" in row

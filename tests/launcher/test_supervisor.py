@@ -13,6 +13,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from launcher.supervisor import Supervisor
 
 from .conftest import FAKE, alive, wait_until
@@ -212,3 +214,27 @@ def test_launcher_killed_with_sigkill_takes_its_children_down(harness):
             launcher.kill()
         launcher.stdout.close()
     assert wait_until(lambda: not any(alive(pid) for pid in children.values()), 5)
+
+
+def test_router_api_key_is_not_logged(harness):
+    supervisor = harness.supervisor()
+    supervisor.router_cmd = lambda a: harness.fake("router", "--port", str(a.port), "--api-key", "s3cret")
+    run = harness.run(supervisor, when="ready:", action=sigterm_self)
+    assert run.code == 0
+    starting = next(line for line in run.output.splitlines() if "starting router:" in line)
+    assert starting.endswith("--api-key ***") and "s3cret" not in starting
+
+
+def test_launcher_exception_still_stops_started_children(harness):
+    """A crash inside the launcher (here: building rank 1's command) must not leave shard 0 running."""
+    def shard_cmd(args, rank, world):
+        if rank == 1:
+            raise RuntimeError("bug while building the command")
+        return harness.fake("shard", "--uds", args.shard_uds_path)
+
+    supervisor = harness.supervisor(num_shard=2)
+    supervisor.shard_cmd = shard_cmd
+    with pytest.raises(RuntimeError):
+        harness.run(supervisor)
+    assert len(supervisor.shards) == 1
+    assert not alive(supervisor.shards[0].pid)

@@ -1,0 +1,61 @@
+"""Router test helpers: valid requests without HTTP, and an in-process shard client."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pytgi_proto import generate_pb2 as pb
+from router.client import ShardError
+from router.validation import ValidParameters, ValidRequest
+
+
+def valid_request(input_ids, max_new_tokens: int = 4, **overrides) -> ValidRequest:
+    params = dict(
+        temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, min_p=0.0, do_sample=False, seed=None,
+        repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, watermark=False,
+        max_new_tokens=max_new_tokens, stop=(), return_full_text=False, details=True,
+        decoder_input_details=False, top_n_tokens=0, best_of=1,
+    )
+    params.update(overrides)
+    ids = tuple(input_ids)
+    return ValidRequest(input_ids=ids, input_text="", input_length=len(ids), truncated=False,
+                        parameters=ValidParameters(**params))
+
+
+class EngineClient:
+    """The ShardedClient interface over an in-process Engine (one shard, no sockets)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.fail_next: str | None = None  # "prefill" / "decode": raise a ShardError once
+        self.calls: list[str] = []
+
+    async def _call(self, method: str, fn, *args):
+        self.calls.append(method)
+        await asyncio.sleep(0)  # let other tasks (handlers, cancellations) run, like a real RPC
+        if self.fail_next == method:
+            self.fail_next = None
+            raise ShardError("INTERNAL", "RuntimeError: injected failure")
+        try:
+            return fn(*args)
+        except (KeyError, ValueError) as error:
+            raise ShardError("INVALID_ARGUMENT", str(error)) from error
+
+    async def prefill(self, batch, cached_batch=None, updates=()):
+        request = pb.PrefillRequest(batch=batch, updates=list(updates))
+        if cached_batch is not None:
+            request.cached_batch.CopyFrom(cached_batch)
+        return await self._call("prefill", self.engine.prefill, request)
+
+    async def decode(self, batches, updates=()):
+        return await self._call("decode", self.engine.decode, pb.DecodeRequest(batches=batches, updates=list(updates)))
+
+    async def filter_batch(self, batch_id, request_ids):
+        batch = await self._call("filter", self.engine.filter_batch, batch_id, list(request_ids))
+        return batch if batch.size else None
+
+    async def clear_cache(self, batch_id=None):
+        await self._call("clear", self.engine.clear_cache, batch_id)
+
+    async def health(self):
+        await self._call("health", self.engine.health)

@@ -59,7 +59,7 @@ def test_exact_tgi_validation_messages(url):
         ({"inputs": "a", "parameters": {"top_k": 0}}, "Input validation error: `top_k` must be strictly positive"),
         ({"inputs": "a", "parameters": {"stop": ["a", "b", "c", "d", "e"]}},
          "Input validation error: `stop` supports up to 4 stop sequences. Given: 5"),
-        ({"inputs": "a", "parameters": {"top_n_tokens": 6}}, "Input validation error: `top_n_tokens` must be >= 0 and <= 5"),
+        ({"inputs": "a", "parameters": {"top_n_tokens": 6}}, "Input validation error: `top_n_tokens` must be >= 0 and <= 5. Given: 6"),
     ]
     for body, message in cases:
         response = requests.post(f"{url}/generate", json=body, timeout=10)

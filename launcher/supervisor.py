@@ -234,9 +234,6 @@ def clear_stale_sockets(paths: Sequence[str]) -> None:
             raise StartupError(f"cannot remove stale socket {path}: {error.strerror}") from None
 
 
-ArgvFn = Callable[..., list[str]]
-
-
 class Supervisor:
     def __init__(
         self,
@@ -255,6 +252,7 @@ class Supervisor:
         self.download_cmd, self.shard_cmd, self.router_cmd = download_cmd, shard_cmd, router_cmd
         self.out = Output(out or sys.stdout, args.json_output, args.log_level)
         self.poll_interval, self.progress_interval = poll_interval, progress_interval
+        self.download: Child | None = None
         self.shards: list[Child] = []
         self.router: Child | None = None
         self.signals: list[int] = []
@@ -323,8 +321,8 @@ class Supervisor:
 
     def _download(self) -> bool:
         """Run download-weights to completion; False if it failed or we were asked to stop."""
-        child = self._spawn("download", "download-weights", self.download_cmd(self.args),
-                            commands.child_env(self.args, self.env))
+        child = self.download = self._spawn("download", "download-weights", self.download_cmd(self.args),
+                                            commands.child_env(self.args, self.env))
         while not child.exited():
             if self.signals:
                 self._terminate([child])
@@ -370,10 +368,10 @@ class Supervisor:
         return FAILURE
 
     def _shutdown(self) -> None:
-        """Router first, then every shard together."""
+        """Router first, then every shard together (and download-weights if we never got past it)."""
         if self.router is not None:
             self._terminate([self.router])
-        self._terminate(self.shards)
+        self._terminate(self.shards + ([self.download] if self.download else []))
 
     def _terminate(self, children: list[Child]) -> None:
         self.stopping = True
@@ -390,9 +388,12 @@ class Supervisor:
             time.sleep(self.poll_interval)
         for child in alive:
             if not child.exited():
-                self.out.log("WARN",
-                             f"{child.label} did not exit within {grace} s of SIGTERM; sending SIGKILL")
+                why = "a second signal" if self.hurry else f"no exit within {grace} s of SIGTERM"
+                self.out.log("WARN", f"{child.label}: {why}; sending SIGKILL")
                 child.signal(signal.SIGKILL)
-                child.popen.wait()
+                try:
+                    child.popen.wait(10)
+                except subprocess.TimeoutExpired:  # stuck in the kernel; PDEATHSIG is the last resort
+                    self.out.log("ERROR", f"{child.label} (pid {child.pid}) survived SIGKILL for 10 s")
         for child in children:
             child.finish()

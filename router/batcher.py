@@ -52,8 +52,12 @@ class Batcher:
             if self.cached is None:
                 await self.queue.wait()
             while self.cached is not None or len(self.queue):
-                if not await self.step():
-                    break  # nothing could be scheduled: wait for a change
+                try:
+                    if not await self.step():
+                        break  # nothing could be scheduled: wait for a change
+                except Exception as error:  # a bug here must fail requests, not hang them all
+                    log.exception("batcher step crashed")
+                    await self._fail_step([], ShardError("INTERNAL", f"router error: {error}"), "step")
 
     async def step(self) -> bool:
         """One forward. Returns False when there was nothing to run."""

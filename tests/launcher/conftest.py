@@ -95,7 +95,7 @@ class Harness:
         )
 
     def run(self, supervisor: Supervisor, when: str | None = None, action=None, timeout: float = 15) -> Run:
-        """Run in this (main) thread; once `when` shows up in the output, call `action()` from a helper thread."""
+        """Run in this (main) thread; once `when` is in the output, a helper thread calls `action()`."""
         out = supervisor.out.stream
         if when is not None:
             def trigger():

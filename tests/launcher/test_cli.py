@@ -53,7 +53,8 @@ def test_flags_and_env_vars(launched):
     result, (args, _) = launched(
         ["--model-id", "m", "-p", "8080", "--cors-allow-origin", "a", "--cors-allow-origin", "b", "-g", "5",
          "--trust-remote-code", "--sharded", "false"],
-        env={"MAX_BATCH_SIZE": "7", "JSON_OUTPUT": "true", "PORT": "9999", "API_KEY": "k", "LOG_LEVEL": "debug"},
+        env={"MAX_BATCH_SIZE": "7", "JSON_OUTPUT": "true", "PORT": "9999", "API_KEY": "k",
+             "LOG_LEVEL": "debug"},
     )
     assert result.exit_code == 0, result.output
     assert args.model_id == "m" and args.port == 8080  # the flag beats PORT
@@ -61,7 +62,8 @@ def test_flags_and_env_vars(launched):
     assert args.trust_remote_code is True and args.sharded is False
     assert args.max_batch_size == 7 and args.json_output is True and args.api_key == "k"
     assert args.log_level == "debug"
-    assert {"model_id", "port", "max_batch_size", "json_output", "api_key", "cors_allow_origin"} <= args.explicit
+    set_by_user = {"model_id", "port", "max_batch_size", "json_output", "api_key", "cors_allow_origin"}
+    assert set_by_user <= args.explicit
     assert "max_concurrent_requests" not in args.explicit
 
 
@@ -82,7 +84,8 @@ def test_sagemaker_env_maps_when_tgi_names_are_unset(launched):
     assert args.trust_remote_code is True
     assert {"model_id", "num_shard", "revision", "trust_remote_code"} <= args.explicit
 
-    result, (args, num_shard) = launched(["--revision", "flag"], env={**sm, "MODEL_ID": "tgi/model", "NUM_SHARD": "3"})
+    result, (args, num_shard) = launched(["--revision", "flag"],
+                                         env={**sm, "MODEL_ID": "tgi/model", "NUM_SHARD": "3"})
     assert (args.model_id, num_shard, args.revision) == ("tgi/model", 3, "flag")
 
 
@@ -134,7 +137,8 @@ def test_shard_count_from_visible_gpus(launched):
     (["--sharded", "true"], "--sharded true needs more than one visible GPU"),
     (["--validation-workers", "0"], "`validation_workers` must be > 0"),
     (["--max-input-tokens", "100", "--max-batch-prefill-tokens", "50"], "must be >= `max_input_tokens`"),
-    (["--max-batch-prefill-tokens", "100", "--max-batch-total-tokens", "50"], "must be <= `max_batch_total_tokens`"),
+    (["--max-batch-prefill-tokens", "100", "--max-batch-total-tokens", "50"],
+     "must be <= `max_batch_total_tokens`"),
     (["--quantize", "int8"], "--quantize int8 is not supported yet"),
     (["--quantize", "nonsense"], "Invalid value for '--quantize'"),
     (["--dtype", "float64"], "Invalid value for '--dtype'"),
@@ -194,10 +198,12 @@ def test_flag_table_renders():
     table = cli.flag_table()
     rows = table.strip().splitlines()
     assert rows[0] == "| Flag | Env var | Default | Description |"
-    options = [opt for opt in cli.main.params if isinstance(opt, click.Option) and opt.name not in ("help", "version")]
+    options = [opt for opt in cli.main.params
+               if isinstance(opt, click.Option) and opt.name not in ("help", "version")]
     assert len(rows) == 2 + len(options)
     for opt, row in zip(options, rows[2:]):
-        assert len(re.split(r"(?<!\\)\|", row.strip().strip("|"))) == 4, row  # escaped pipes stay in their cell
+        # four cells: escaped pipes (`true\|false`) stay inside their cell
+        assert len(re.split(r"(?<!\\)\|", row.strip().strip("|"))) == 4, row
         assert f"`--{opt.name.replace('_', '-')}`" in row
         if opt.envvar:
             assert f"`{opt.envvar}`" in row
@@ -206,4 +212,5 @@ def test_flag_table_renders():
     if readme.exists() and README_MARKERS[0] in readme.read_text():
         text = readme.read_text()
         embedded = text.split(README_MARKERS[0], 1)[1].split(README_MARKERS[1], 1)[0]
-        assert embedded.strip() == table.strip(), "README flag table is stale: regenerate it with launcher.cli.flag_table()"
+        assert embedded.strip() == table.strip(), \
+            "README flag table is stale: regenerate it with launcher.cli.flag_table()"

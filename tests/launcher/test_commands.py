@@ -13,7 +13,8 @@ def test_shard_argv_single_and_sharded():
     args = LauncherArgs(model_id="org/m", revision="r1", trust_remote_code=True, json_output=True,
                         dtype="bfloat16", shard_uds_path="/tmp/p", log_level="warn")
     assert commands.build_shard_argv(args, 1, 2) == [
-        "text-generation-server", "serve", "org/m", "--revision", "r1", "--trust-remote-code", "--json-output",
+        "text-generation-server", "serve", "org/m", "--revision", "r1", "--trust-remote-code",
+        "--json-output",
         "--logger-level", "WARNING", "--uds-path", "/tmp/p", "--sharded", "--dtype", "bfloat16"]
 
 
@@ -48,7 +49,8 @@ def test_router_argv_with_every_option_set():
         max_top_n_tokens=7, max_input_length=100, max_total_tokens=200, waiting_served_ratio=1.2,
         max_batch_prefill_tokens=512, max_batch_total_tokens=4096, max_waiting_tokens=10, max_batch_size=4,
         validation_workers=3, api_key="k", cors_allow_origin=("https://a", "https://b"), json_output=True,
-        otlp_endpoint="http://otel:4317", otlp_service_name="svc", payload_limit=1000, max_client_batch_size=2,
+        otlp_endpoint="http://otel:4317", otlp_service_name="svc", payload_limit=1000,
+        max_client_batch_size=2,
         disable_grammar_support=True, tokenizer_config_path="/t.json", disable_prefix_caching=True,
         # not router options: never passed
         dtype="float16", num_shard=2, watermark_delta=1.0,

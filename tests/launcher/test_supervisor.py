@@ -82,7 +82,7 @@ def test_child_ignoring_sigterm_gets_sigkill_after_grace(harness):
     supervisor = harness.supervisor(args=harness.args(graceful_termination_timeout=1))
     run = harness.run(supervisor, when="ready:", action=sigterm_self)
     assert run.code == 0, run.output
-    assert "shard 0 did not exit within 1 s of SIGTERM; sending SIGKILL" in run.output
+    assert "shard 0: no exit within 1 s of SIGTERM; sending SIGKILL" in run.output
     assert 1 <= run.elapsed < 6
     harness.assert_no_orphans()
 
@@ -98,6 +98,7 @@ def test_second_signal_skips_the_grace_period(harness):
     supervisor = harness.supervisor(args=harness.args(graceful_termination_timeout=60))
     run = harness.run(supervisor, when="ready:", action=two_signals)
     assert run.code == 0
+    assert "shard 0: a second signal; sending SIGKILL" in run.output
     assert run.elapsed < 10
     harness.assert_no_orphans()
 
@@ -130,6 +131,15 @@ def test_download_runs_first_and_its_failure_stops_the_launch(harness):
     assert set(harness.pids()) == {"download"}  # no shard was started
 
 
+def test_signal_during_download_stops_it_and_exits_0(harness):
+    harness.download_opts = ["--code", "0", "--delay", "60"]
+    run = harness.run(harness.supervisor(), when="[download] download a warning", action=sigterm_self)
+    assert run.code == 0, run.output
+    assert run.elapsed < 5
+    assert set(harness.pids()) == {"download"}
+    harness.assert_no_orphans()
+
+
 def test_download_success_then_shards(harness):
     harness.download_opts = ["--code", "0"]
     run = harness.run(harness.supervisor(), when="ready:", action=sigterm_self)
@@ -140,7 +150,8 @@ def test_download_success_then_shards(harness):
 
 def test_json_output_wraps_plain_lines_and_passes_json_through(harness):
     harness.shard_opts = {0: ["--json"]}
-    run = harness.run(harness.supervisor(args=harness.args(json_output=True)), when="ready:", action=sigterm_self)
+    supervisor = harness.supervisor(args=harness.args(json_output=True))
+    run = harness.run(supervisor, when="ready:", action=sigterm_self)
     assert run.code == 0
     records = [json.loads(line) for line in run.output.splitlines()]  # every line is JSON
     assert {"level": "INFO", "target": "fake", "message": "shard-0 json line"} in records
@@ -191,11 +202,11 @@ def test_launcher_killed_with_sigkill_takes_its_children_down(harness):
         sys.path.insert(0, {str(Path(__file__).parents[2])!r})
         from launcher.config import LauncherArgs
         from launcher.supervisor import Supervisor
-        fake = [sys.executable, {FAKE!r}]
+        fake = [sys.executable, {FAKE!r}, "--piddir", {str(harness.piddir)!r}]
         args = LauncherArgs(shard_uds_path={harness.uds!r}, port={harness.port}, hostname="127.0.0.1")
         sup = Supervisor(args, 2, os.environ, download_cmd=None,
-            shard_cmd=lambda a, r, w: fake + ["shard", "--uds", a.shard_uds_path, "--piddir", {str(harness.piddir)!r}],
-            router_cmd=lambda a: fake + ["router", "--port", str(a.port), "--piddir", {str(harness.piddir)!r}],
+            shard_cmd=lambda a, r, w: fake[:2] + ["shard", "--uds", a.shard_uds_path] + fake[2:],
+            router_cmd=lambda a: fake[:2] + ["router", "--port", str(a.port)] + fake[2:],
             poll_interval=0.05)
         sys.exit(sup.run())
     """)

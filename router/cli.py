@@ -54,6 +54,9 @@ def main(disable_prefix_caching: bool, cors_allow_origin: tuple[str, ...], **opt
     from router.log import setup_logging
 
     setup_logging(config.log_level, config.json_output)
+    if config.otlp_endpoint:
+        # Accepted for TGI compatibility, but say so rather than pretend: no exporter yet.
+        logging.getLogger("router").warning("--otlp-endpoint is not implemented yet: no traces are exported")
     web.run_app(create_app(config), host=config.hostname, port=config.port, print=None,
                 handler_cancellation=True, access_log=None)
 

@@ -72,7 +72,7 @@ def _load(config):
         tp = init_tp_group(config)
         ctx = ModelContext(tp, config.device, config.dtype, config.block_size, config.trust_remote_code)
         model = get_model(source.path, ctx)
-    except (ModelSourceError, UnsupportedModelError, FileNotFoundError, KeyError) as error:
+    except (ModelSourceError, UnsupportedModelError, FileNotFoundError, KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)

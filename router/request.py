@@ -48,6 +48,10 @@ class TokenEvent:
     token: TokenInfo
     top_tokens: tuple[TokenInfo, ...]
     finish: Finish | None  # set on the last token
+    # The text this token adds to the output after stop-sequence handling: equal to token.text
+    # in TGI mode; in OpenAI mode a stop sequence and anything after it never appear, and text
+    # that might begin one is held back until it cannot.
+    text: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,7 @@ class Entry:
     num_computed: int = 0  # prompt tokens with K/V computed (chunked prefill progress)
     generated_ids: list[int] = field(default_factory=list)
     prefill: tuple[TokenInfo, ...] = ()  # prompt tokens with logprobs (decoder_input_details)
+    text: str = ""  # the output so far, after stop-sequence handling
     cancelled: bool = False  # the client went away
     finished: bool = False
 
@@ -79,8 +84,9 @@ class Entry:
     def create(cls, request_id: int, request: ValidRequest, tokenizer: Tokenizer) -> "Entry":
         return cls(
             id=request_id, request=request, tokenizer=tokenizer,
-            detokenizer=IncrementalDetokenizer(tokenizer.backend, request.input_ids),
-            stop=StopSequenceMatcher(list(request.parameters.stop), include_stop=True),
+            detokenizer=IncrementalDetokenizer(tokenizer.backend, request.input_ids,
+                                               skip_special_tokens=request.parameters.skip_special_tokens),
+            stop=StopSequenceMatcher(list(request.parameters.stop), include_stop=request.parameters.include_stop),
         )
 
     @property
@@ -96,8 +102,16 @@ class Entry:
         self.generated_ids.append(token_id)
         text = self.detokenizer.add(token_id)
         reason = FINISH_REASONS[shard_finish.finish_reason] if shard_finish is not None else None
-        if self.stop.feed(text).stopped and reason is None:
+        stop = self.stop.feed(text)
+        emitted = stop.text_to_emit
+        if stop.stopped and reason is None:
             reason = "stop_sequence"
+        elif reason is not None and not stop.stopped:
+            # Ended for another reason: release text held back (a partial character, or the
+            # beginning of what could have been a stop sequence).
+            tail = self.stop.feed(self.detokenizer.flush())
+            emitted += tail.text_to_emit + ("" if tail.stopped else self.stop.flush())
+        self.text += emitted
         finish = None
         if reason is not None:
             has_seed = shard_finish is not None and shard_finish.HasField("seed")
@@ -105,7 +119,7 @@ class Entry:
         self.events.put_nowait(TokenEvent(
             index=len(self.generated_ids), token=self._info(token_id, logprob, text),
             top_tokens=tuple(self._info(i, lp, self.tokenizer.decode([i], False)) for i, lp in top),
-            finish=finish,
+            finish=finish, text=emitted,
         ))
         self.finished = finish is not None
         return self.finished
@@ -119,7 +133,9 @@ class Entry:
 
     def _finish(self, reason: str, seed: int | None) -> Finish:
         params = self.request.parameters
-        text = self.tokenizer.decode(self.generated_ids, True)
+        # TGI: the full decode (stop text included, special tokens skipped). OpenAI: exactly the
+        # streamed text, which already lacks the stop sequence.
+        text = self.tokenizer.decode(self.generated_ids, True) if params.include_stop else self.text
         if params.return_full_text:
             text = self.request.input_text + text
         return Finish(

@@ -76,6 +76,11 @@ class ValidParameters:
     decoder_input_details: bool
     top_n_tokens: int
     best_of: int
+    # Set by the OpenAI layer (TGI's native API has no such fields; defaults keep TGI behaviour).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    ignore_eos: bool = False
+    include_stop: bool = True  # TGI keeps the stop text in the output; OpenAI strips it
+    skip_special_tokens: bool = False  # per-token text: TGI shows "<|im_end|>"; OpenAI content doesn't
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,56 @@
+"""Tensor parallel over 3 CPU shards (gloo) with the bundled SmolLM2 (9 heads, 3 KV heads)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import requests
+
+from conftest import free_port, start_launcher, stop_launcher
+from test_launcher import alive, children
+
+PROMPTS = [f"<|im_start|>user\nName {n} animals.<|im_end|>\n<|im_start|>assistant\n" for n in (2, 3, 4)]
+
+
+def generate(url: str, prompt: str) -> str:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 16}}
+    response = requests.post(f"{url}/generate", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["generated_text"]
+
+
+def test_two_shards_is_a_clear_error():
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "text-generation-launcher"), "--num-shard", "2",
+         "--port", str(free_port()), "--shard-uds-path", "/tmp/pytgi-tp2-check"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "9 attention heads cannot be split over 2 shards" in result.stdout + result.stderr
+
+
+def test_three_shards_equal_one_and_a_dead_rank_stops_everything(url):
+    expected = [generate(url, p) for p in PROMPTS]
+    server = start_launcher("--num-shard", "3")
+    try:
+        assert requests.get(f"{server.url}/info", timeout=10).json()["num_shard"] == 3
+        # Several requests at once: each rank reports the requests with id % 3 == rank.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: generate(server.url, p), PROMPTS))
+        assert got == expected
+        descendants = children(server.process.pid)
+        ranks = [pid for pid in descendants if b"serve" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(ranks) == 3
+        started = time.monotonic()
+        os.kill(ranks[1], signal.SIGKILL)
+        assert server.process.wait(timeout=120) != 0
+        assert time.monotonic() - started < 60
+        time.sleep(0.5)
+        assert not [pid for pid in descendants if alive(pid)]
+    finally:
+        stop_launcher(server)

@@ -90,6 +90,8 @@ _OPTIONS = [
     _option("--disable-grammar-support", is_flag=True,
             help="Reject grammar-constrained requests (422)."),
     _option("--max-client-batch-size", type=int, help="Most prompts in one /v1/completions request."),
+    _option("--strict-model-name", is_flag=True,
+            help="OpenAI routes: 404 for a `model` other than the served one or \"tgi\" (default: any name)."),
     _option("--payload-limit", type=int, help="Largest HTTP request body in bytes (413 above)."),
     _option("-g", "--graceful-termination-timeout", type=int,
             help="Seconds between SIGTERM and SIGKILL when stopping the router and shards."),

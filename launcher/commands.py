@@ -79,7 +79,7 @@ ROUTER_OPTIONS = (
     "max_total_tokens", "waiting_served_ratio", "max_batch_prefill_tokens", "max_batch_total_tokens",
     "max_waiting_tokens", "max_batch_size", "validation_workers", "api_key", "cors_allow_origin",
     "json_output", "otlp_endpoint", "otlp_service_name", "payload_limit", "max_client_batch_size",
-    "disable_grammar_support", "tokenizer_config_path", "disable_prefix_caching",
+    "disable_grammar_support", "tokenizer_config_path", "disable_prefix_caching", "strict_model_name",
 )
 
 

@@ -77,6 +77,7 @@ class LauncherArgs:
     tokenizer_config_path: str | None = None
     disable_grammar_support: bool = False
     max_client_batch_size: int = 4
+    strict_model_name: bool = False
     payload_limit: int = 2_000_000
     graceful_termination_timeout: int = 90
     disable_prefix_caching: bool = False

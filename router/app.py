@@ -9,11 +9,23 @@ from aiohttp import web
 
 from router.config import RouterConfig
 from router.errors import PayloadTooLargeError, RouterError
+from router.openai import OPENAI_REQUEST, OpenAIRoutes
 from router.routes import TgiRoutes
 from router.state import STATE, AppState
 
 log = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset({"/health", "/ping", "/info", "/metrics"})
+
+
+def is_openai(request: web.Request) -> bool:
+    """OpenAI routes (and OpenAI bodies on /invocations) answer errors in OpenAI's envelope."""
+    return request.path == "/v1" or request.path.startswith("/v1/") or request.get(OPENAI_REQUEST, False)
+
+
+def openai_error(error: RouterError) -> web.Response:
+    status = error.openai_status
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return web.json_response(error.to_openai(), status=status, headers=headers)
 
 
 def error_middleware():
@@ -22,10 +34,31 @@ def error_middleware():
         try:
             return await handler(request)
         except RouterError as error:
+            if is_openai(request):
+                return openai_error(error)
             return web.json_response(error.to_tgi(), status=error.status)
         except web.HTTPRequestEntityTooLarge as error:
             too_large = PayloadTooLargeError(error.text or "payload too large")
+            if is_openai(request):
+                return openai_error(too_large)
             return web.json_response(too_large.to_tgi(), status=too_large.status)
+        except web.HTTPException as error:
+            if error.status < 400 or not is_openai(request):
+                raise
+            if error.status == 404:
+                message = f"Invalid URL ({request.method} {request.path})."
+            elif error.status == 405:
+                message = f"Method {request.method} is not allowed for {request.path}."
+            else:
+                message = error.text or error.reason
+            error_type = error.reason.lower().replace(" ", "_")
+            return openai_error(RouterError(message, status=error.status, error_type=error_type))
+        except Exception:
+            if not is_openai(request):
+                raise
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return openai_error(RouterError("The server had an error while processing your request.",
+                                            status=500))
 
     return errors
 
@@ -38,6 +71,9 @@ def auth_middleware(api_key: str):
         if request.path not in PUBLIC_PATHS and request.method != "OPTIONS":
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):  # constant time
+                if is_openai(request):
+                    return openai_error(RouterError("Incorrect API key provided.", status=401,
+                                                    error_type="authentication", code="invalid_api_key"))
                 return web.json_response({"error": "Unauthorized", "error_type": "authentication"}, status=401)
         return await handler(request)
 
@@ -80,7 +116,10 @@ def create_app(config: RouterConfig, state: AppState | None = None) -> web.Appli
         if STATE in app:
             await app[STATE].stop()
 
-    TgiRoutes().add_to(app)
+    openai = OpenAIRoutes()
+    TgiRoutes(invocations=openai.invocations).add_to(app)
+    openai.add_to(app)
     app.on_startup.append(startup)
+    app.on_startup.append(openai.startup)  # needs the state built by `startup`
     app.on_cleanup.append(cleanup)
     return app

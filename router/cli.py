@@ -4,6 +4,7 @@ env vars); the launcher passes only what the user set, so these defaults apply o
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -40,6 +41,8 @@ from router.config import RouterConfig
 @click.option("--tokenizer-config-path", default=None, envvar="TOKENIZER_CONFIG_PATH")
 @click.option("--disable-prefix-caching", is_flag=True, envvar="DISABLE_PREFIX_CACHING")
 @click.option("--log-level", default="info", envvar="LOG_LEVEL")
+@click.option("--strict-model-name", is_flag=True, envvar="STRICT_MODEL_NAME",
+              help="OpenAI routes: 404 for a `model` other than the served one or \"tgi\".")
 def main(disable_prefix_caching: bool, cors_allow_origin: tuple[str, ...], **options) -> None:
     """Serve TGI's HTTP API in front of running shards."""
     config = RouterConfig(prefix_caching=not disable_prefix_caching, cors_allow_origin=tuple(cors_allow_origin),
@@ -48,6 +51,10 @@ def main(disable_prefix_caching: bool, cors_allow_origin: tuple[str, ...], **opt
         config.check()
     except ValueError as error:
         sys.exit(f"error: {error}")
+    # The router uses transformers only to render chat templates; without these, importing it
+    # pulls in torch (+2 s, +250 MB) and logs advice about missing frameworks.
+    os.environ.setdefault("USE_TORCH", "0")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from aiohttp import web
 
     from router.app import create_app

@@ -35,6 +35,7 @@ class RouterConfig:
     tokenizer_config_path: str | None
     prefix_caching: bool
     log_level: str = "info"
+    strict_model_name: bool = False  # /v1/*: 404 for a `model` other than the served one (or "tgi")
 
     def check(self) -> None:
         """Cross-checks of the token limits that can be made before warmup (TGI's rules)."""

@@ -15,25 +15,40 @@ class RouterError(Exception):
 
     status: int = 500
     error_type: str = "internal"
+    # OpenAI envelope extras: the request field at fault, and OpenAI's string code
+    # (e.g. "context_length_exceeded"); `code` falls back to `error_type`.
+    param: str | None = None
+    code: str | None = None
 
-    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None,
+                 param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:
             self.status = status
         if error_type is not None:
             self.error_type = error_type
+        if param is not None:
+            self.param = param
+        if code is not None:
+            self.code = code
 
     def to_tgi(self) -> dict[str, Any]:
         return {"error": self.message, "error_type": self.error_type}
+
+    @property
+    def openai_status(self) -> int:
+        """OpenAI answers invalid requests with 400 where TGI uses 422, and a failed generation
+        (TGI's 424) is a server error to OpenAI clients."""
+        return {422: 400, 424: 500}.get(self.status, self.status)
 
     def to_openai(self) -> dict[str, Any]:
         return {
             "error": {
                 "message": self.message,
-                "type": _openai_type(self.status),
-                "param": None,
-                "code": self.error_type,
+                "type": _openai_type(self.openai_status),
+                "param": self.param,
+                "code": self.code or self.error_type,
             }
         }
 
@@ -67,6 +82,33 @@ class ValidationError(RouterError):
     def __init__(self, message: str, *, prefix: bool = True) -> None:
         self.reason = message  # the bare rule text, without the prefix
         super().__init__(f"Input validation error: {message}" if prefix else message)
+
+
+class InvalidRequestError(RouterError):
+    """400 on the OpenAI routes: a request that breaks one of their rules; `param` names the
+    field (OpenAI's `invalid_request_error`)."""
+
+    status = 400
+    error_type = "validation"
+
+    def __init__(self, message: str, param: str | None = None, *, code: str | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message, param=param, code=code, status=status)
+
+
+class ContextLengthError(ValidationError):
+    """A prompt (plus the tokens to generate) that does not fit the model's limits. The TGI message
+    is kept; the numbers let the OpenAI layer word it OpenAI's way."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, message: str, *, input_length: int, max_new_tokens: int, limit: int,
+                 kind: str) -> None:
+        super().__init__(message)
+        self.input_length = input_length
+        self.max_new_tokens = max_new_tokens
+        self.limit = limit
+        self.kind = kind  # "total": input + max_new_tokens > limit; "input": input > limit
 
 
 class OverloadedError(RouterError):

@@ -117,7 +117,7 @@ def _to_pb(entry: Entry, chunk_len: int | None) -> pb.Request:
             do_sample=params.do_sample, seed=params.seed or 0, has_seed=params.seed is not None,
             repetition_penalty=params.repetition_penalty, frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty, min_p=params.min_p, watermark=params.watermark,
-            logit_bias=dict(params.logit_bias),
+            logit_bias=dict(params.logit_bias), grammar=params.grammar, grammar_type=params.grammar_type,
         ),
         stopping_parameters=pb.StoppingCriteriaParameters(
             max_new_tokens=params.max_new_tokens, ignore_eos_token=params.ignore_eos,

@@ -52,6 +52,9 @@ class TokenEvent:
     # in TGI mode; in OpenAI mode a stop sequence and anything after it never appear, and text
     # that might begin one is held back until it cannot.
     text: str = ""
+    # On the first event only: the prompt's tokens with logprobs (decoder_input_details), so that
+    # a stream can echo them before the end.
+    prefill: tuple[TokenInfo, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +122,7 @@ class Entry:
         self.events.put_nowait(TokenEvent(
             index=len(self.generated_ids), token=self._info(token_id, logprob, text),
             top_tokens=tuple(self._info(i, lp, self.tokenizer.decode([i], False)) for i, lp in top),
-            finish=finish, text=emitted,
+            finish=finish, text=emitted, prefill=self.prefill if len(self.generated_ids) == 1 else (),
         ))
         self.finished = finish is not None
         return self.finished

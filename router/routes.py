@@ -68,13 +68,19 @@ async def read_json(request: web.Request):
 
 class TgiRoutes:
     """Handlers read the AppState from the app at request time: it only exists after startup,
-    while routes must be registered before the app starts."""
+    while routes must be registered before the app starts.
+
+    `invocations(request, body)` may answer `/invocations` bodies that are not generate-shaped
+    (the OpenAI routes take chat and completion bodies); it returns None for the others."""
+
+    def __init__(self, invocations=None) -> None:
+        self._invocations = invocations
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_post("/generate", self.generate)
         app.router.add_post("/generate_stream", self.generate_stream)
         app.router.add_post("/", self.compat)
-        app.router.add_post("/invocations", self.compat)
+        app.router.add_post("/invocations", self.invocations)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_get("/info", self.info)
         app.router.add_get("/health", self.health)
@@ -89,9 +95,17 @@ class TgiRoutes:
         return await self._stream(request, parse_generate_request(await read_json(request), compat=False))
 
 
-    async def compat(self, request: web.Request) -> web.StreamResponse:
+    async def invocations(self, request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        if self._invocations is not None:
+            response = await self._invocations(request, body)
+            if response is not None:
+                return response
+        return await self.compat(request, body)
+
+    async def compat(self, request: web.Request, body=None) -> web.StreamResponse:
         """`POST /` and `/invocations`: a list for non-stream bodies, SSE for `stream: true`."""
-        body = parse_generate_request(await read_json(request), compat=True)
+        body = parse_generate_request(await read_json(request) if body is None else body, compat=True)
         if body.stream:
             return await self._stream(request, body)
         return await self._generate(request.app[STATE], body, compat=True)

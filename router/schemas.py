@@ -74,6 +74,9 @@ class GenerateRequest:
     # Not read from JSON (serde `skip` in TGI): false when the text is an already templated chat
     # prompt whose special tokens are in the text.
     add_special_tokens: bool = True
+    # Not read from JSON either: a prompt given as token ids (OpenAI completions); `inputs` then
+    # holds their decoded text.
+    input_ids: tuple[int, ...] | None = None
 
 
 # ------------------------------------------------------------------------------------ parsing

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from router.batcher import Batcher, BatchLimits
 from router.client import ShardedClient, ShardError
+from router import grammar
 from router.config import RouterConfig
 from router.infer import Infer
 from router.kv import KVManager
@@ -120,8 +121,11 @@ class AppState:
         validator = Validator(tokenizer, ValidationLimits(
             max_best_of=config.max_best_of, max_stop_sequences=config.max_stop_sequences,
             max_top_n_tokens=config.max_top_n_tokens, max_input_tokens=limits.max_input_tokens,
-            max_total_tokens=limits.max_total_tokens, disable_grammar_support=config.disable_grammar_support,
+            max_total_tokens=limits.max_total_tokens,
+            # Shards that cannot enforce a grammar make the router reject grammars, not drop them.
+            disable_grammar_support=config.disable_grammar_support or not info.supports_grammar,
         ))
+        grammar.set_default(validator.grammar)  # what grammar.constraint_for (OpenAI routes) uses
         infer = Infer(validator, tokenizer, queue, metrics, config.max_concurrent_requests)
         return cls(config, client, info, tokenizer, limits, metrics, batcher, infer)
 

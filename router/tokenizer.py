@@ -84,11 +84,20 @@ class Tokenizer:
         chat_template: str | None = None,
         special_tokens: Iterable[str] = (),
         workers: int = 2,
+        special_tokens_map: dict[str, Any] | None = None,
+        chat_templates: dict[str, str] | None = None,
     ) -> None:
         self._backend = backend
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.chat_template = chat_template
+        # transformers' `special_tokens_map` (passed to chat templates) and the named templates of
+        # a tokenizer_config that lists several (e.g. "tool_use").
+        self.special_tokens_map = dict(special_tokens_map or {})
+        if not special_tokens_map:
+            pairs = (("bos_token", bos_token), ("eos_token", eos_token))
+            self.special_tokens_map.update({k: v for k, v in pairs if v is not None})
+        self.chat_templates = dict(chat_templates or {})
         self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
         self.eos_token_id = backend.token_to_id(eos_token) if eos_token else None
         ids = (backend.token_to_id(token) for token in special_tokens)
@@ -133,7 +142,12 @@ class Tokenizer:
 
         special = [text for name in _SPECIAL_ROLES if (text := role(name)) is not None]
         additional = config.get("additional_special_tokens") or tokens_map.get("additional_special_tokens") or []
-        special += [text for item in additional if (text := _token_text(item)) is not None]
+        additional_texts = [text for item in additional if (text := _token_text(item)) is not None]
+        special += additional_texts
+        special_tokens_map: dict[str, Any] = {
+            name: text for name in _SPECIAL_ROLES if (text := role(name)) is not None}
+        if additional_texts:
+            special_tokens_map["additional_special_tokens"] = additional_texts
 
         return cls(
             backend,
@@ -142,6 +156,8 @@ class Tokenizer:
             chat_template=_load_chat_template(folder, config),
             special_tokens=special,
             workers=workers,
+            special_tokens_map=special_tokens_map,
+            chat_templates=_named_templates(folder, config),
         )
 
     # ---------------------------------------------------------------------------- encoding
@@ -219,6 +235,17 @@ def _load_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
     if template is not None:
         return template
     return _pick_template(config.get("chat_template"))
+
+
+def _named_templates(folder: Path, config: dict[str, Any]) -> dict[str, str]:
+    """Every named template of a config that lists several ({name, template} entries)."""
+    standalone = _load_json(folder / "chat_template.json").get("chat_template")
+    for value in (standalone, config.get("chat_template")):
+        if isinstance(value, list):
+            return {item["name"]: item["template"] for item in value
+                    if isinstance(item, dict) and isinstance(item.get("name"), str)
+                    and isinstance(item.get("template"), str)}
+    return {}
 
 
 def _bos_eos_post_processor(

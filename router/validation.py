@@ -24,8 +24,11 @@ because clients and tests compare them):
 - `max_new_tokens` absent ⇒ `max_total_tokens - input_length` in one go. TGI schedules that in
   segments of 1024 tokens and checks `input + min(that, 1024)`; without segments the two are the
   same check because the absent value always fits exactly.
-- `grammar` is rejected ("grammar is not supported") whatever `disable_grammar_support` says,
-  until grammar-constrained decoding exists; never silently ignored.
+- `grammar` is compile-checked here (router/grammar.py: size and repetition limits, a real
+  compile off the event loop within a timeout, cached by hash) and enforced by the shards; with
+  `--disable-grammar-support` (or shards without grammar support) it is rejected, "grammar is
+  not supported", never silently ignored. A `json` schema need not have `properties` (TGI
+  requires it); failures read "grammar is not valid: <reason>".
 - `adapter_id` is parsed but not used (no LoRA adapters yet).
 - Stop sequences are matched on the generated text (router side), not token ids.
 
@@ -37,7 +40,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.errors import ValidationError
+from router.errors import ContextLengthError, ValidationError
+from router.grammar import GrammarError, GrammarNotSupported, GrammarValidator, native_grammar
 from router.schemas import GenerateParameters, GenerateRequest
 from router.tokenizer import Tokenizer
 
@@ -81,6 +85,9 @@ class ValidParameters:
     ignore_eos: bool = False
     include_stop: bool = True  # TGI keeps the stop text in the output; OpenAI strips it
     skip_special_tokens: bool = False  # per-token text: TGI shows "<|im_end|>"; OpenAI content doesn't
+    # Constrained decoding (router/grammar.py): pb.GrammarType and its text; 0 / "" = none.
+    grammar_type: int = 0
+    grammar: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +105,11 @@ def _check(ok: bool, message: str) -> None:
 
 
 class Validator:
-    def __init__(self, tokenizer: Tokenizer, limits: ValidationLimits) -> None:
+    def __init__(self, tokenizer: Tokenizer, limits: ValidationLimits,
+                 grammar: GrammarValidator | None = None) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
+        self.grammar = grammar or GrammarValidator(tokenizer, disabled=limits.disable_grammar_support)
 
     async def validate(self, request: GenerateRequest) -> ValidRequest:
         limits = self.limits
@@ -166,23 +175,40 @@ class Validator:
         _check(truncate is None or 0 < truncate <= limits.max_input_tokens,
                f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {truncate}")
 
-        try:
-            ids = await self.tokenizer.aencode(request.inputs, request.add_special_tokens)
-        except Exception as error:  # the Rust tokenizer's failures surface as exceptions
-            raise ValidationError(f"tokenizer error {error}") from error
+        if request.input_ids is not None:
+            ids = list(request.input_ids)  # already tokens (OpenAI completions' token-id prompts)
+        else:
+            try:
+                ids = await self.tokenizer.aencode(request.inputs, request.add_special_tokens)
+            except Exception as error:  # the Rust tokenizer's failures surface as exceptions
+                raise ValidationError(f"tokenizer error {error}") from error
         input_length = len(ids) if truncate is None else min(len(ids), truncate)
 
         if p.max_new_tokens is None:
             max_new_tokens = max(limits.max_total_tokens - input_length, 0)
         else:
             max_new_tokens = p.max_new_tokens
-        _check(input_length + max_new_tokens <= limits.max_total_tokens,
-               f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
-               f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`")
-        _check(input_length <= limits.max_input_tokens,
-               f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {input_length}")
+        if input_length + max_new_tokens > limits.max_total_tokens:
+            raise ContextLengthError(
+                f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+                f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`",
+                input_length=input_length, max_new_tokens=max_new_tokens, limit=limits.max_total_tokens,
+                kind="total")
+        if input_length > limits.max_input_tokens:
+            raise ContextLengthError(
+                f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {input_length}",
+                input_length=input_length, max_new_tokens=max_new_tokens, limit=limits.max_input_tokens,
+                kind="input")
 
-        _check(p.grammar is None, "grammar is not supported")
+        grammar_type, grammar = 0, ""
+        if p.grammar is not None:
+            try:
+                grammar_type, grammar = native_grammar(p.grammar.type, p.grammar.value)
+                await self.grammar.check(grammar_type, grammar, "grammar")
+            except GrammarNotSupported as error:
+                raise ValidationError("grammar is not supported") from error
+            except GrammarError as error:
+                raise ValidationError(f"grammar is not valid: {error.message}") from error
 
         if greedy_by_temperature:
             temperature, top_k, top_p, typical_p, min_p = 1.0, 0, 1.0, 1.0, 0.0
@@ -199,7 +225,7 @@ class Validator:
             return_full_text=bool(p.return_full_text),
             details=p.details or p.decoder_input_details,
             decoder_input_details=p.decoder_input_details,
-            top_n_tokens=top_n_tokens, best_of=best_of,
+            top_n_tokens=top_n_tokens, best_of=best_of, grammar_type=grammar_type, grammar=grammar,
         )
         kept = tuple(ids[len(ids) - input_length:])
         return ValidRequest(

@@ -9,6 +9,7 @@ chunked prefill, prefix hits (`cache_len`) and decode are therefore one code pat
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -16,9 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from shard.attention import AttentionMetadata, SeqStep, build_metadata
+from shard.grammar import GrammarMask, Grammars, GrammarState, step_mask
 from pytgi_proto import generate_pb2 as pb
 from shard.sampling import Sampler, SampleOutput, SamplingParams
 
+log = logging.getLogger(__name__)
 _SEEDS = random.SystemRandom()
 
 
@@ -38,6 +41,7 @@ class RequestState:
     top_n_tokens: int
     seed: int | None  # reported back for sampling requests
     prompt_logprobs: list[float]  # filled while prefilling when prefill_logprobs is set
+    grammar: GrammarState | None = None  # constrained decoding: the request's matcher
 
     @property
     def seq_len(self) -> int:
@@ -96,16 +100,18 @@ class Batch:
         self.id = batch_id
         self.requests = requests
         self.sampler = sampler
+        # Decided once per batch composition: batches without a grammar skip all grammar work.
+        self.has_grammar = any(r.grammar is not None for r in requests)
 
     def __len__(self) -> int:
         return len(self.requests)
 
     @classmethod
-    def from_pb(cls, batch: pb.Batch, vocab_size: int, device: torch.device) -> "Batch":
+    def from_pb(cls, batch: pb.Batch, vocab_size: int, device: torch.device,
+                grammars: Grammars | None = None) -> "Batch":
         requests, params = [], []
         for r in batch.requests:
-            if r.parameters.grammar:
-                raise ValueError(f"request {r.id}: grammar-constrained decoding is not supported by this shard")
+            grammar = _grammar_state(r, grammars)
             if not r.input_ids:
                 raise ValueError(f"request {r.id}: empty input_ids")
             if r.cache_len >= len(r.input_ids):
@@ -121,6 +127,7 @@ class Batch:
                 ignore_eos=r.stopping_parameters.ignore_eos_token, prefill_logprobs=r.prefill_logprobs,
                 top_n_tokens=r.top_n_tokens, seed=None if p.is_greedy else seed,
                 prompt_logprobs=[math.nan] * (r.cache_len + 1) if r.prefill_logprobs else [],
+                grammar=grammar,
             ))
             params.append(p)
         sampler = Sampler.build(params, [s.prompt_ids for s in requests], [[] for _ in requests], vocab_size, device)
@@ -138,6 +145,14 @@ class Batch:
     def concatenate(cls, batches: list["Batch"], batch_id: int) -> "Batch":
         requests = [r for b in batches for r in b.requests]
         return cls(batch_id, requests, Sampler.concatenate([b.sampler for b in batches]))
+
+    def grammar_mask(self, sample_rows: list[int]) -> GrammarMask | None:
+        """Allowed tokens of the constrained rows that sample this step (None: no constraint)."""
+        if not self.has_grammar:
+            return None
+        constrained = [(line, self.requests[row].grammar) for line, row in enumerate(sample_rows)
+                       if self.requests[row].grammar is not None]
+        return step_mask(constrained)
 
     def apply_updates(self, updates) -> None:
         by_id = {r.id: r for r in self.requests}
@@ -235,11 +250,36 @@ class Batch:
 
 
 def _finish_reason(r: RequestState, token: int, eos_ids: frozenset[int]) -> int | None:
-    # The model's own stop wins over the length limit when both happen on the same token.
+    # The model's own stop wins over the length limit when both happen on the same token; so
+    # does a completed grammar (the output is whole).
+    grammar_done = False
+    if r.grammar is not None:
+        if not r.grammar.accept(token):
+            # Cannot happen while the mask is applied; end the request rather than let it
+            # continue outside its grammar.
+            log.error("request %d: token %d violates its grammar; finishing it", r.id, token)
+            return pb.FINISH_REASON_EOS_TOKEN
+        grammar_done = r.grammar.complete()
     if token in eos_ids and not r.ignore_eos:
         return pb.FINISH_REASON_EOS_TOKEN
     if token in r.stop_token_ids:
         return pb.FINISH_REASON_STOP_SEQUENCE
+    if grammar_done:
+        return pb.FINISH_REASON_EOS_TOKEN
     if len(r.output_ids) >= r.max_new_tokens:
         return pb.FINISH_REASON_LENGTH
     return None
+
+
+def _grammar_state(r: pb.Request, grammars: Grammars | None) -> GrammarState | None:
+    p = r.parameters
+    if p.grammar_type == pb.GRAMMAR_TYPE_NONE:
+        if p.grammar:
+            raise ValueError(f"request {r.id}: `grammar` is set but `grammar_type` is NONE")
+        return None
+    if grammars is None or not grammars.available:
+        raise ValueError(f"request {r.id}: grammar-constrained decoding is not supported by this shard")
+    try:
+        return grammars.state(p.grammar_type, p.grammar)
+    except ValueError as error:
+        raise ValueError(f"request {r.id}: grammar is not valid: {error}") from error

@@ -16,6 +16,7 @@ from shard.attention import FlashAttnBackend
 from shard.batch import Batch
 from shard.config import ShardConfig
 from shard.distributed import TPGroup
+from shard.grammar import Grammars
 from shard.kv_cache import KVCache, available_memory
 from shard.models.base import CausalLM
 from pytgi_proto import generate_pb2 as pb
@@ -35,6 +36,9 @@ class Engine:
         self.flash = isinstance(model.backend, FlashAttnBackend)
         self.kv_cache: KVCache | None = None
         self.batches: dict[int, Batch] = {}
+        # Constrained decoding; the tokenizer is loaded on the first request with a grammar.
+        self.grammars = Grammars(model_path, self.info.vocab_size, self.eos_ids,
+                                 trust_remote_code=config.trust_remote_code)
 
     # -- RPCs ---------------------------------------------------------------------------------
 
@@ -46,6 +50,7 @@ class Engine:
             attention_impl=self.model.backend.name, block_size=self.block_size, vocab_size=info.vocab_size,
             max_position_embeddings=info.max_position_embeddings, eos_token_ids=list(info.eos_token_ids),
             model_path=str(self.model_path), model_impl=info.impl, world_size=self.tp.world_size,
+            supports_grammar=self.grammars.available,
         )
         if info.window_size:
             response.window_size = info.window_size
@@ -53,7 +58,7 @@ class Engine:
 
     def prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
         start = time.perf_counter_ns()
-        batch = Batch.from_pb(request.batch, self.info.vocab_size, self.config.device)
+        batch = Batch.from_pb(request.batch, self.info.vocab_size, self.config.device, self.grammars)
         concat_ns = None
         if request.HasField("cached_batch"):
             concat_start = time.perf_counter_ns()
@@ -163,7 +168,8 @@ class Engine:
         batch.record_prompt_logprobs(inputs, logits)
         out = None
         if inputs.sample_rows:
-            out = batch.sampler(logits[inputs.sample_logits], rows=inputs.sample_rows)
+            mask = batch.grammar_mask(inputs.sample_rows)  # None unless a sampled row has a grammar
+            out = batch.sampler(logits[inputs.sample_logits], rows=inputs.sample_rows, mask=mask)
             batch.sampler.update(inputs.sample_rows, out.next_ids)
         generations = batch.advance(inputs, out, self.eos_ids)
         finished = {g.request_id for g in generations if g.HasField("finished")}

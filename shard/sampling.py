@@ -1,10 +1,11 @@
 """Batched, heterogeneous next-token selection: every row of a ragged batch has its own params.
 
 Order per row (each stage runs only when some selected row needs it):
-logit_bias -> repetition penalty -> frequency/presence penalties -> watermark
+logit_bias -> repetition penalty -> frequency/presence penalties -> watermark -> grammar mask
 -> temperature -> top_k -> top_p -> typical_p -> min_p -> argmax (greedy) or sample.
-Stages up to the watermark apply to every row; the warpers only to sampling rows.
-Reported log-probs always come from the raw logits, as TGI reports them.
+Stages up to the grammar mask apply to every row; the warpers only to sampling rows.
+Reported log-probs always come from the raw logits, as TGI reports them (for a constrained row
+that is the model's own probability of the token the grammar let through).
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import reduce
 from operator import or_
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from shard.grammar import GrammarMask
 
 # Per-row feature bits: the batch OR tells which stages to run at all.
 _BIAS, _REP, _FREQ_PRES, _WATERMARK, _SAMPLE = 1, 2, 4, 8, 16
@@ -298,16 +303,18 @@ class Sampler:
             vocab, dev,
         )
 
-    def __call__(self, logits: torch.Tensor, rows: list[int] | None = None) -> SampleOutput:
-        """Choose one token per line of `logits` ([N, V], line j is batch row rows[j]).
+    def __call__(self, logits: torch.Tensor, rows: list[int] | None = None,
+                 mask: GrammarMask | None = None) -> SampleOutput:
+        """Choose one token per line of `logits` ([N, V], line j is batch row rows[j]); `mask`
+        restricts some lines to the tokens their grammar allows.
 
         Reads but never mutates the recorded history: call `update` with what was accepted.
         """
         flags = self._flags_of(rows)
         raw = logits.float()
         lse = raw.logsumexp(dim=-1)
-        if flags & (_PROCESS | _SAMPLE):
-            next_ids = self._choose(self._process(raw, rows), rows, flags)
+        if flags & (_PROCESS | _SAMPLE) or mask is not None:
+            next_ids = self._choose(self._process(raw, rows, mask), rows, flags)
         else:
             next_ids = raw.argmax(dim=-1)  # fast path: all greedy, nothing to process
         logprobs = raw.gather(1, next_ids.unsqueeze(1)).squeeze(1) - lse
@@ -353,9 +360,11 @@ class Sampler:
             return t
         return t.index_select(0, torch.tensor(rows, dtype=torch.long, device=t.device))
 
-    def _process(self, logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
-        """Final scores [N, V] float32: penalties etc. on every row, warpers on sampling rows.
-        Greedy rows take their argmax, sampling rows sample from their softmax."""
+    def _process(self, logits: torch.Tensor, rows: list[int] | None = None,
+                 mask: GrammarMask | None = None) -> torch.Tensor:
+        """Final scores [N, V] float32: penalties etc. on every row, the grammar mask on its
+        lines, warpers on sampling rows. Greedy rows take their argmax, sampling rows sample
+        from their softmax."""
         flags = self._flags_of(rows)
         scores = logits.float().clone()
         if flags & _BIAS:
@@ -368,6 +377,8 @@ class Sampler:
             green = _greenlist_mask(prev, scores.shape[-1]).to(scores.device)
             pos_t = torch.tensor(pos, dtype=torch.long, device=scores.device)
             scores.index_add_(0, pos_t, green.to(scores.dtype) * _WM_DELTA)
+        if mask is not None:
+            mask.apply_(scores)
         if flags & _WARP:
             pos, brows = self._positions(rows, _SAMPLE)
             k_max = max(self.params[r].top_k for r in brows)

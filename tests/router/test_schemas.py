@@ -210,5 +210,6 @@ def test_errors(error, status, error_type, message):
     assert error.to_tgi() == {"error": message, "error_type": error_type}
     envelope = error.to_openai()["error"]
     assert envelope["message"] == message and envelope["param"] is None and envelope["code"] == error_type
-    assert envelope["type"] == {429: "rate_limit_error", 500: "server_error", 503: "server_error"}.get(
-        status, "invalid_request_error")
+    # A failed generation (TGI's 424) is a server error to OpenAI clients (answered 500 on /v1).
+    assert envelope["type"] == {429: "rate_limit_error", 424: "server_error", 500: "server_error",
+                                503: "server_error"}.get(status, "invalid_request_error")

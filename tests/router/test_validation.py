@@ -244,13 +244,22 @@ def test_truncate_longer_than_input(validator, router_tokenizer):
     assert valid.input_length == 16
 
 
-def test_grammar_rejected(validator):
+def test_grammar_rejected_when_disabled(validator):
+    disabled = ValidationLimits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=32,
+                                max_total_tokens=64, disable_grammar_support=True)
     for grammar in ({"type": "regex", "value": "[a-z]+"}, {"type": "json", "value": {"properties": {}}}):
-        assert error(validator, **{"grammar": grammar}) == "grammar is not supported"
-    # ...also when built directly and with grammar support "enabled": never silently ignored
+        assert error(validator, limits=disabled, **{"grammar": grammar}) == "grammar is not supported"
+    # ...also when built directly: never silently ignored
     request = GenerateRequest("hi", GenerateParameters(grammar=Grammar("regex", "a")))
     with pytest.raises(ValidationError, match="^Input validation error: grammar is not supported$"):
-        asyncio.run(Validator(validator.tokenizer, LIMITS).validate(request))
+        asyncio.run(Validator(validator.tokenizer, disabled).validate(request))
+
+
+def test_grammar_is_validated_and_passed_on(validator):
+    valid = validate(validator, grammar={"type": "regex", "value": "[a-z]+"})
+    assert valid.parameters.grammar == "[a-z]+" and valid.parameters.grammar_type == 2
+    assert error(validator, grammar={"type": "regex", "value": "[a-z"}).startswith("grammar is not valid: ")
+    # (tests/router/test_grammar.py covers the grammar machinery itself)
 
 
 def test_add_special_tokens_false(validator):

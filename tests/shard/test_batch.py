@@ -74,7 +74,10 @@ def test_updates_append_blocks_and_set_chunks():
     assert third.blocks == [4, 5, 6, 8] and third.step_len == 2
 
 
-def test_grammar_is_rejected_not_ignored():
+def test_grammar_without_grammar_support_is_rejected_not_ignored():
     with pytest.raises(ValueError, match="grammar"):
         Batch.from_pb(pb.Batch(id=1, requests=[request(
             1, [1, 2], [1], parameters=pb.NextTokenChooserParameters(grammar="[a-z]+", grammar_type=2))]), 32, CPU)
+    with pytest.raises(ValueError, match="grammar_type"):  # text without a type is not "no grammar"
+        Batch.from_pb(pb.Batch(id=1, requests=[request(
+            1, [1, 2], [1], parameters=pb.NextTokenChooserParameters(grammar="[a-z]+"))]), 32, CPU)

@@ -1,0 +1,396 @@
+"""OpenAI-compatible routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, and
+`/chat_tokenize`. Handlers are thin: parse (openai_schemas) → admission → template → validate →
+run the choices (Infer.stream) → shape (openai_output).
+
+Admission comes first, as on TGI's routes (an overloaded server answers 429 before any parsing),
+one permit per generation (`n` × prompts); permits are released when the response is done.
+`n` choices and several prompts run as concurrent entries; leaving the merged event stream (client
+gone, an error in one choice) cancels every one of them. Prompt KV is not shared between the `n`
+choices: the prefix cache only learns a prompt when a request finishes.
+
+Errors after a stream has started arrive as one `data: {"error": {…}}` event, followed by
+`data: [DONE]` (vLLM's behaviour; the OpenAI SDK raises at the error event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import replace
+
+from aiohttp import web
+
+from router.chat_template import ChatTemplate
+from router.errors import (
+    ContextLengthError,
+    IncompleteGenerationError,
+    InvalidRequestError,
+    RouterError,
+    ValidationError,
+)
+from router.openai_output import ChatShaper, Choice, CompletionShaper, TokenStrings
+from router.openai_schemas import (
+    ChatRequest,
+    OpenAILimits,
+    Sampling,
+    parse_chat_request,
+    parse_completion_request,
+)
+from router.request import ErrorEvent, TokenEvent
+from router.routes import read_json
+from router.schemas import GenerateParameters, GenerateRequest
+from router.sse import ClientGone, SseWriter
+from router.state import STATE, VERSION, AppState
+from router.validation import ValidParameters, ValidRequest
+
+FINGERPRINT = f"pytgi-{VERSION}"
+# Set on requests answered by these handlers (also via /invocations): errors use OpenAI's envelope.
+OPENAI_REQUEST = web.RequestKey("openai", bool)
+# Content types read as JSON: JSON itself, and what curl (-d) and fetch (string body) send by default.
+JSON_CONTENT_TYPES = ("application/json", "application/x-www-form-urlencoded", "text/plain")
+
+
+async def read_openai_json(request: web.Request):
+    if "Content-Type" in request.headers:
+        mime = request.content_type
+        if mime not in JSON_CONTENT_TYPES and not mime.endswith("+json"):
+            raise InvalidRequestError(
+                f"Unsupported Content-Type {mime!r}: send the body as JSON with "
+                "'Content-Type: application/json'.",
+                status=415, code="unsupported_media_type")
+    try:
+        return json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidRequestError(f"We could not parse the JSON body of your request: {error}. The API "
+                                  "expects a JSON payload.", code="invalid_json") from error
+
+
+def generate_parameters(s: Sampling, top_n: int, decoder_input_details: bool = False) -> GenerateParameters:
+    """OpenAI sampling → TGI parameters: sampling unless greedy (temperature 0 or top_p 0)."""
+    greedy = s.greedy
+    return GenerateParameters(
+        do_sample=not greedy, temperature=0.0 if greedy else s.temperature,
+        top_p=None if greedy or s.top_p == 1.0 else s.top_p, top_k=None if greedy else s.top_k,
+        typical_p=None if greedy or s.typical_p == 1.0 else s.typical_p,
+        min_p=None if greedy or not s.min_p else s.min_p,
+        repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
+        presence_penalty=s.presence_penalty,
+        max_new_tokens=None if s.max_tokens is None else max(s.max_tokens, 1),
+        stop=list(s.stop), seed=s.seed, details=True, decoder_input_details=decoder_input_details,
+        top_n_tokens=top_n,
+    )
+
+
+def per_choice(valid: ValidRequest, n: int) -> list[ValidRequest]:
+    """`n` copies of a request; with a seed, choice i samples with seed + i."""
+    seed = valid.parameters.seed
+    if n == 1 or seed is None:
+        return [valid] * n
+    return [replace(valid, parameters=replace(valid.parameters, seed=(seed + i) % 2**64)) for i in range(n)]
+
+
+def context_error(error: ContextLengthError, what: str) -> InvalidRequestError:
+    if error.kind == "total":
+        message = (f"This model's maximum context length is {error.limit} tokens. However, you requested "
+                   f"{error.input_length + error.max_new_tokens} tokens ({error.input_length} in the {what}, "
+                   f"{error.max_new_tokens} in the completion). Please reduce the length of the {what} or "
+                   "completion.")
+    else:
+        message = (f"This model's maximum input length is {error.limit} tokens. However, your {what} "
+                   f"resulted in {error.input_length} tokens. Please reduce the length of the {what}.")
+    return InvalidRequestError(message, what, code="context_length_exceeded")
+
+
+async def constraint_for(request) -> object | None:
+    """Constrained decoding for tools / response_format / grammar: `router.grammar.constraint_for`
+    (a `Constraint` with `grammar_type`, `grammar`, `tool_call`, compile-checked) when that module
+    exists; without it such requests are refused rather than silently unconstrained."""
+    if not getattr(request, "needs_constraint", False):
+        return None
+    if importlib.util.find_spec("router.grammar") is None:
+        tools_active = bool(getattr(request, "tools", None)) and request.tool_choice != "none"
+        param = "tools" if tools_active else "grammar" if request.grammar is not None else "response_format"
+        raise InvalidRequestError(f"'{param}' is not supported yet (constrained decoding is not available); "
+                                  "only response_format {\"type\": \"text\"} and tool_choice \"none\" are.",
+                                  param, code="unsupported_parameter")
+    from router import grammar
+
+    try:
+        result = grammar.constraint_for(request)
+        return await result if inspect.isawaitable(result) else result
+    except getattr(grammar, "GrammarError", ()) as error:
+        param = getattr(error, "param", None)
+        if isinstance(error, getattr(grammar, "GrammarNotSupported", ())):
+            raise InvalidRequestError(f"'{param or 'response_format'}' is not supported by this server "
+                                      "(constrained decoding is disabled or unavailable).", param,
+                                      code="unsupported_parameter") from error
+        message = getattr(error, "message", str(error))
+        raise InvalidRequestError(message, param, code="invalid_value") from error
+
+
+async def merge_streams(infer, valids: list[ValidRequest]) -> AsyncIterator[tuple[int, object]]:
+    """(choice index, event) of several generations as they come. Closing this iterator (or an
+    error ending it) cancels every generation still running."""
+    if len(valids) == 1:
+        async with aclosing(infer.stream(valids[0])) as events:
+            async for event in events:
+                yield 0, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, valid: ValidRequest) -> None:
+        try:
+            async with aclosing(infer.stream(valid)) as events:
+                async for event in events:
+                    queue.put_nowait((index, event))
+        except Exception as error:  # noqa: BLE001 - becomes this choice's error event
+            failure = IncompleteGenerationError(f"Incomplete generation: {error}")
+            queue.put_nowait((index, ErrorEvent(failure)))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, v)) for i, v in enumerate(valids)]
+    try:
+        live = len(tasks)
+        while live:
+            index, event = await queue.get()
+            if event is None:
+                live -= 1
+            else:
+                yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(infer, valids: list[ValidRequest], prompt_indexes: list[int]) -> list[Choice]:
+    choices = [Choice(i, prompt_indexes[i]) for i in range(len(valids))]
+    async with aclosing(merge_streams(infer, valids)) as events:
+        async for index, event in events:
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            choices[index].events.append(event)
+            if event.finish is not None:
+                choices[index].finish = event.finish
+    if any(c.finish is None for c in choices):
+        raise IncompleteGenerationError()
+    return choices
+
+
+class Context:
+    """Per-server objects the OpenAI routes need, built at startup."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        config = state.config
+        self.template = ChatTemplate.from_tokenizer(state.tokenizer)
+        self.tokens = TokenStrings(state.tokenizer)
+        self.limits = OpenAILimits(
+            max_stop_sequences=config.max_stop_sequences, max_top_n_tokens=config.max_top_n_tokens,
+            max_client_batch_size=config.max_client_batch_size, vocab_size=state.tokenizer.vocab_size)
+        self.created = int(time.time())
+        # Importing transformers' renderer takes seconds: off the loop, and awaited before a render.
+        self._warm = asyncio.get_running_loop().run_in_executor(None, self.template.warm_up)
+
+    def model_name(self, requested: str | None) -> str:
+        """The `model` to answer with: the request's (lenient, like TGI), or 404 when
+        --strict-model-name is set and it is neither the served model nor "tgi"."""
+        served = self.state.config.model_id
+        if requested is None:
+            return served
+        if self.state.config.strict_model_name and requested not in (served, "tgi"):
+            raise RouterError(f"The model `{requested}` does not exist (this server serves `{served}`).",
+                              status=404, error_type="model_not_found", param="model", code="model_not_found")
+        return requested
+
+    def model_card(self) -> dict:
+        return {"id": self.state.config.model_id, "object": "model", "created": self.created,
+                "owned_by": "pytgi"}
+
+    async def render(self, chat: ChatRequest) -> str:
+        await asyncio.shield(self._warm)
+        try:
+            return await self.template.arender(chat.messages, chat.tools)
+        except RouterError as error:
+            error.param = "messages"
+            raise
+
+    async def validate(self, prompt: str | list[int], sampling: Sampling, *, add_special_tokens: bool,
+                       top_n: int, what: str, decoder_input_details: bool = False,
+                       constraint=None) -> ValidRequest:
+        ids = tuple(prompt) if isinstance(prompt, list) else None
+        text = (self.state.tokenizer.decode(ids) or " ") if ids is not None else prompt
+        parameters = generate_parameters(sampling, top_n, decoder_input_details)
+        request = GenerateRequest(inputs=text, parameters=parameters, add_special_tokens=add_special_tokens,
+                                  input_ids=ids)
+        try:
+            valid = await self.state.infer.validate(request)
+        except ContextLengthError as error:
+            raise context_error(error, what) from error
+        except ValidationError as error:
+            raise InvalidRequestError(error.reason) from error
+        params = replace(valid.parameters, logit_bias=sampling.logit_bias, ignore_eos=sampling.ignore_eos,
+                         include_stop=False, skip_special_tokens=True)
+        if constraint is not None:
+            if "grammar" not in ValidParameters.__dataclass_fields__:
+                raise InvalidRequestError("constrained decoding is not wired into generation yet",
+                                          code="unsupported_parameter")
+            params = replace(params, grammar_type=constraint.grammar_type, grammar=constraint.grammar)
+        return replace(valid, parameters=params)
+
+    def acquire_more(self, count: int) -> int:
+        if count + 1 > self.state.config.max_concurrent_requests:
+            limit = self.state.config.max_concurrent_requests
+            raise InvalidRequestError(f"This request asks for {count + 1} generations ('n' × prompts), more "
+                                      f"than --max-concurrent-requests ({limit}).", "n")
+        if count > 0:
+            self.state.infer.acquire(count)
+        return count
+
+
+class OpenAIRoutes:
+    def __init__(self) -> None:
+        self.ctx: Context | None = None
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
+        app.router.add_post("/chat_tokenize", self.chat_tokenize)
+
+    async def startup(self, app: web.Application) -> None:
+        """Runs after the AppState exists (registered after the state's own startup)."""
+        self.ctx = Context(app[STATE])
+
+    async def invocations(self, request: web.Request, body) -> web.StreamResponse | None:
+        """SageMaker `/invocations`: chat bodies (`messages`) and completion bodies (`prompt`)."""
+        if isinstance(body, dict) and "messages" in body:
+            return await self.chat_completions(request, body)
+        if isinstance(body, dict) and "prompt" in body and "inputs" not in body:
+            return await self.completions(request, body)
+        return None
+
+    # ------------------------------------------------------------------------------- chat
+
+    async def chat_completions(self, request: web.Request, body=None) -> web.StreamResponse:
+        request[OPENAI_REQUEST] = True  # errors in the OpenAI envelope, also on /invocations
+        if body is None:
+            body = await read_openai_json(request)
+        ctx = self.ctx
+        infer = ctx.state.infer
+        ctx.state.metrics.request_count.inc()
+        infer.acquire()
+        permits = 1
+        try:
+            chat = parse_chat_request(body, ctx.limits)
+            model = ctx.model_name(chat.model)
+            constraint = await constraint_for(chat)
+            prompt = await ctx.render(chat)
+            valid = await ctx.validate(prompt, chat.sampling, add_special_tokens=False,
+                                       top_n=chat.top_logprobs, what="messages", constraint=constraint)
+            valids = per_choice(valid, chat.sampling.n)
+            permits += ctx.acquire_more(len(valids) - 1)
+            shaper = ChatShaper(model, FINGERPRINT, ctx.tokens, include_usage=chat.sampling.include_usage,
+                                logprobs=chat.logprobs)
+            shaper.prompt_tokens = valid.input_length
+            if chat.sampling.stream:
+                first = [shaper.role_chunk(i) for i in range(len(valids))]
+                return await self._stream(request, valids, shaper, first,
+                                          lambda i, event: [c] if (c := shaper.chunk(i, event)) else [])
+            choices = await collect(infer, valids, [0] * len(valids))
+            return web.json_response(shaper.response(choices))
+        finally:
+            infer.release(permits)
+
+    # ------------------------------------------------------------------------ completions
+
+    async def completions(self, request: web.Request, body=None) -> web.StreamResponse:
+        request[OPENAI_REQUEST] = True
+        if body is None:
+            body = await read_openai_json(request)
+        ctx = self.ctx
+        infer = ctx.state.infer
+        ctx.state.metrics.request_count.inc()
+        infer.acquire()
+        permits = 1
+        try:
+            req = parse_completion_request(body, ctx.limits)
+            model = ctx.model_name(req.model)
+            sampling = req.sampling
+            score_only = sampling.max_tokens == 0  # echo + max_tokens 0: the prompt's logprobs only
+            details = req.echo and req.logprobs is not None
+            valids, prompt_indexes, texts, prompt_tokens = [], [], [], 0
+            for index, prompt in enumerate(req.prompts):
+                valid = await ctx.validate(prompt, sampling, add_special_tokens=True, top_n=req.logprobs or 0,
+                                           what="prompt", decoder_input_details=details)
+                prompt_tokens += valid.input_length
+                texts.append(prompt if isinstance(prompt, str) else ctx.state.tokenizer.decode(prompt))
+                valids += per_choice(valid, sampling.n)
+                prompt_indexes += [index] * sampling.n
+            permits += ctx.acquire_more(len(valids) - 1)
+            shaper = CompletionShaper(model, FINGERPRINT, ctx.tokens, include_usage=sampling.include_usage,
+                                      prompts=texts, echo=req.echo, logprobs=req.logprobs,
+                                      score_only=score_only)
+            shaper.prompt_tokens = prompt_tokens
+            if sampling.stream:
+                return await self._stream(request, valids, shaper, [],
+                                          lambda i, event: shaper.chunks(i, prompt_indexes[i], event))
+            return web.json_response(shaper.response(await collect(infer, valids, prompt_indexes)))
+        finally:
+            infer.release(permits)
+
+    # ----------------------------------------------------------------------------- stream
+
+    async def _stream(self, request: web.Request, valids, shaper, first: list[dict],
+                      shape) -> web.StreamResponse:
+        writer = await SseWriter.open(request)
+        try:
+            for chunk in first:
+                await writer.send(chunk)
+            failed = False
+            async with aclosing(merge_streams(self.ctx.state.infer, valids)) as events:
+                async for index, event in events:
+                    if isinstance(event, ErrorEvent):
+                        await writer.send(event.error.to_openai())
+                        failed = True
+                        break
+                    assert isinstance(event, TokenEvent)
+                    for chunk in shape(index, event):
+                        await writer.send(chunk)
+            if shaper.include_usage and not failed:
+                await writer.send(shaper.usage_chunk())
+            await writer.send("[DONE]")
+        except ClientGone:
+            pass  # closing the merged stream above cancelled every choice
+        await writer.close()
+        return writer.response
+
+    # ---------------------------------------------------------------------- models, tokenize
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self.ctx.model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name != self.ctx.state.config.model_id:
+            raise RouterError(f"The model `{name}` does not exist.", status=404, error_type="model_not_found",
+                              param="model", code="model_not_found")
+        return web.json_response(self.ctx.model_card())
+
+    async def chat_tokenize(self, request: web.Request) -> web.Response:
+        """TGI's `/chat_tokenize`: the templated prompt and its tokens (TGI error shape)."""
+        chat = parse_chat_request(await read_json(request), self.ctx.limits)
+        prompt = await self.ctx.render(chat)
+        tokens = await self.ctx.state.tokenizer.aencode_with_offsets(prompt, add_special_tokens=False)
+        return web.json_response({
+            "tokenize_response": [{"id": i, "text": prompt[start:stop], "start": start, "stop": stop}
+                                  for i, start, stop in tokens],
+            "templated_text": prompt,
+        })

@@ -60,6 +60,10 @@ class ChatTemplate:
             except Exception:  # noqa: BLE001 - a template that fails here fails per request, with its message
                 pass
 
+    def uses_tools(self, tools: list | None) -> bool:
+        """Whether the template that would render this request mentions `tools` at all."""
+        return "tools" in self.pick(tools)
+
     def pick(self, tools: list | None) -> str:
         """transformers' `get_chat_template`: the "tool_use" template for requests with tools."""
         if self.named:

@@ -15,8 +15,6 @@ Errors after a stream has started arrive as one `data: {"error": {…}}` event, 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import inspect
 import json
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +23,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from router import grammar
 from router.chat_template import ChatTemplate
 from router.errors import (
     ContextLengthError,
@@ -86,6 +85,14 @@ def generate_parameters(s: Sampling, top_n: int, decoder_input_details: bool = F
     )
 
 
+def with_system_text(messages: list[dict], text: str) -> list[dict]:
+    """`messages` with `text` appended to the system message (one is added when there is none)."""
+    if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
 def per_choice(valid: ValidRequest, n: int) -> list[ValidRequest]:
     """`n` copies of a request; with a seed, choice i samples with seed + i."""
     seed = valid.parameters.seed
@@ -106,31 +113,20 @@ def context_error(error: ContextLengthError, what: str) -> InvalidRequestError:
     return InvalidRequestError(message, what, code="context_length_exceeded")
 
 
-async def constraint_for(request) -> object | None:
-    """Constrained decoding for tools / response_format / grammar: `router.grammar.constraint_for`
-    (a `Constraint` with `grammar_type`, `grammar`, `tool_call`, compile-checked) when that module
-    exists; without it such requests are refused rather than silently unconstrained."""
+async def constraint_for(request) -> grammar.Constraint | None:
+    """The grammar that tools / response_format / grammar ask for (compile-checked off the event
+    loop), with grammar errors turned into OpenAI 400s carrying their `param`."""
     if not getattr(request, "needs_constraint", False):
         return None
-    if importlib.util.find_spec("router.grammar") is None:
-        tools_active = bool(getattr(request, "tools", None)) and request.tool_choice != "none"
-        param = "tools" if tools_active else "grammar" if request.grammar is not None else "response_format"
-        raise InvalidRequestError(f"'{param}' is not supported yet (constrained decoding is not available); "
-                                  "only response_format {\"type\": \"text\"} and tool_choice \"none\" are.",
-                                  param, code="unsupported_parameter")
-    from router import grammar
-
     try:
-        result = grammar.constraint_for(request)
-        return await result if inspect.isawaitable(result) else result
-    except getattr(grammar, "GrammarError", ()) as error:
-        param = getattr(error, "param", None)
-        if isinstance(error, getattr(grammar, "GrammarNotSupported", ())):
-            raise InvalidRequestError(f"'{param or 'response_format'}' is not supported by this server "
-                                      "(constrained decoding is disabled or unavailable).", param,
-                                      code="unsupported_parameter") from error
-        message = getattr(error, "message", str(error))
-        raise InvalidRequestError(message, param, code="invalid_value") from error
+        return await grammar.constraint_for(request)
+    except grammar.GrammarNotSupported as error:
+        raise InvalidRequestError(f"'{error.param or 'response_format'}' is not supported by this server "
+                                  "(constrained decoding is disabled or unavailable).", error.param,
+                                  code="unsupported_parameter") from error
+    except grammar.GrammarError as error:
+        raise InvalidRequestError(getattr(error, "message", str(error)), error.param,
+                                  code="invalid_value") from error
 
 
 async def merge_streams(infer, valids: list[ValidRequest]) -> AsyncIterator[tuple[int, object]]:
@@ -215,8 +211,13 @@ class Context:
 
     async def render(self, chat: ChatRequest) -> str:
         await asyncio.shield(self._warm)
+        messages = chat.messages
+        if chat.tools and chat.tool_choice != "none" and not self.template.uses_tools(chat.tools):
+            # The template cannot show the tools: tell the model about them and about the call
+            # format the grammar enforces, in the system message.
+            messages = with_system_text(messages, grammar.tool_prompt(chat.tools))
         try:
-            return await self.template.arender(chat.messages, chat.tools)
+            return await self.template.arender(messages, chat.tools)
         except RouterError as error:
             error.param = "messages"
             raise
@@ -298,12 +299,12 @@ class OpenAIRoutes:
             valids = per_choice(valid, chat.sampling.n)
             permits += ctx.acquire_more(len(valids) - 1)
             shaper = ChatShaper(model, FINGERPRINT, ctx.tokens, include_usage=chat.sampling.include_usage,
-                                logprobs=chat.logprobs)
+                                logprobs=chat.logprobs,
+                                tool_calls=constraint is not None and constraint.tool_call)
             shaper.prompt_tokens = valid.input_length
             if chat.sampling.stream:
                 first = [shaper.role_chunk(i) for i in range(len(valids))]
-                return await self._stream(request, valids, shaper, first,
-                                          lambda i, event: [c] if (c := shaper.chunk(i, event)) else [])
+                return await self._stream(request, valids, shaper, first, shaper.chunks)
             choices = await collect(infer, valids, [0] * len(valids))
             return web.json_response(shaper.response(choices))
         finally:

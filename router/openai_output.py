@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from router.grammar import TOOL_CALL_CLOSE, ToolCallParseError, ToolCallStream, split_tool_calls
 from router.request import Finish, TokenEvent, TokenInfo
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -136,12 +137,19 @@ class _Shaper:
 
 
 class ChatShaper(_Shaper):
+    """`/v1/chat/completions`. With `tool_calls` (the request's constraint allows tool calls),
+    the generated `<tool_call>` blocks become `message.tool_calls` / `delta.tool_calls` (id, type
+    and name on a call's first fragment, argument fragments after) and `finish_reason` is
+    "tool_calls"; text outside the calls stays `content`."""
+
     object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def __init__(self, *args, logprobs: bool = False, **kwargs) -> None:
+    def __init__(self, *args, logprobs: bool = False, tool_calls: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.logprobs = logprobs
+        self.tool_calls = tool_calls
+        self._streams: dict[int, ToolCallStream] = {}  # per choice, streaming tool calls only
 
     def logprob_entry(self, token: TokenInfo, top: tuple[TokenInfo, ...]) -> dict:
         text, raw = self.tokens.get(token.id)
@@ -153,26 +161,56 @@ class ChatShaper(_Shaper):
         return {"token": text, "logprob": _lp(token.logprob), "bytes": raw}
 
     @staticmethod
-    def _delta(content: str) -> dict:
-        # `role` on every delta and `tool_calls: null` keep text-generation 0.7's strict pydantic
-        # chunk model happy; the OpenAI SDK reads the same values (role first, no tool calls).
-        return {"role": "assistant", "content": content, "tool_calls": None}
+    def _delta(content: str | None, tool_calls: list[dict] | None = None) -> dict:
+        # `role` on every delta and `tool_calls` always present keep text-generation 0.7's strict
+        # pydantic chunk model happy; the OpenAI SDK reads the same values.
+        return {"role": "assistant", "content": content, "tool_calls": tool_calls}
 
     def role_chunk(self, index: int) -> dict:
         return self._chunk([{"index": index, "delta": self._delta(""), "logprobs": None,
                              "finish_reason": None}])
 
-    def chunk(self, index: int, event: TokenEvent) -> dict | None:
-        """The chunk for one token; None when it adds nothing (text held back, no logprobs)."""
+    def chunks(self, index: int, event: TokenEvent) -> list[dict]:
+        """The chunks for one token (none when it adds nothing: text held back, no logprobs)."""
         logprobs = {"content": [self.logprob_entry(event.token, event.top_tokens)]} if self.logprobs else None
         if event.finish is not None:
             self.completion_tokens += event.finish.generated_tokens
-        elif not event.text and logprobs is None:
-            return None
-        return self._chunk([{
-            "index": index, "delta": self._delta(event.text), "logprobs": logprobs,
-            "finish_reason": finish_reason(event.finish) if event.finish is not None else None,
-        }])
+        if self.tool_calls:
+            deltas = self._tool_deltas(index, event)
+        else:
+            deltas = [self._delta(event.text)] if event.text else []
+        if not deltas and (logprobs is not None or event.finish is not None):
+            deltas = [self._delta("")]  # carries the logprobs or the finish reason
+        reason = self._finish_reason(index, event.finish) if event.finish is not None else None
+        return [self._chunk([{"index": index, "delta": delta, "logprobs": logprobs if i == 0 else None,
+                              "finish_reason": reason if i == len(deltas) - 1 else None}])
+                for i, delta in enumerate(deltas)]
+
+    def _tool_deltas(self, index: int, event: TokenEvent) -> list[dict]:
+        stream = self._streams.setdefault(index, ToolCallStream())
+        pieces = stream.feed(event.text)
+        if event.finish is not None:
+            try:
+                pieces += stream.finish()
+            except ToolCallParseError:
+                pass  # cut inside a call (e.g. max_tokens): finish_reason says "length"
+        deltas = []
+        for piece in pieces:
+            if piece.content is not None:
+                if piece.content:
+                    deltas.append(self._delta(piece.content))
+            elif piece.name is not None:
+                deltas.append(self._delta(None, [{"index": piece.index, "id": _call_id(), "type": "function",
+                                                  "function": {"name": piece.name, "arguments": ""}}]))
+            else:
+                deltas.append(self._delta(None, [{"index": piece.index, "function": {"arguments": piece.arguments}}]))
+        return deltas
+
+    def _finish_reason(self, index: int, finish: Finish) -> str:
+        stream = self._streams.get(index)
+        if stream is not None and stream.calls and finish.finish_reason != "length":
+            return "tool_calls"
+        return finish_reason(finish)
 
     def response(self, choices: list[Choice]) -> dict:
         out = []
@@ -182,12 +220,31 @@ class ChatShaper(_Shaper):
             if self.logprobs:
                 logprobs = {"content": [self.logprob_entry(e.token, e.top_tokens) for e in choice.events]}
             self.completion_tokens += finish.generated_tokens
-            message = {"role": "assistant", "content": finish.generated_text}
-            out.append({"index": choice.index, "message": message, "logprobs": logprobs,
-                        "finish_reason": finish_reason(finish)})
+            message, reason = self._message(finish)
+            out.append({"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": reason})
         body = self._envelope(out, "chat.completion")
         body["usage"] = self.usage()
         return body
+
+    def _message(self, finish: Finish) -> tuple[dict, str]:
+        text = finish.generated_text
+        if self.tool_calls:
+            try:
+                content, calls = split_tool_calls(text)
+            except ToolCallParseError:
+                # Cut inside a call (max_tokens): keep the calls that are complete.
+                complete = text[: text.rfind(TOOL_CALL_CLOSE) + len(TOOL_CALL_CLOSE)] if TOOL_CALL_CLOSE in text else ""
+                content, calls = split_tool_calls(complete) if complete else (text, None)
+            if calls:
+                message = {"role": "assistant", "content": content or None, "tool_calls": [
+                    {"id": _call_id(), "type": "function",
+                     "function": {"name": call["name"], "arguments": call["arguments"]}} for call in calls]}
+                return message, "tool_calls" if finish.finish_reason != "length" else "length"
+        return {"role": "assistant", "content": text}, finish_reason(finish)
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 class CompletionShaper(_Shaper):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from router.openai_output import ChatShaper, Choice, CompletionShaper, TokenStrings, finish_reason
 from router.request import Finish, TokenEvent, TokenInfo
 
@@ -43,12 +45,12 @@ def test_chat_stream_chunks(router_tokenizer):
     assert first["usage"] is None
     hi = router_tokenizer.encode(" hi", add_special_tokens=False)[0]
     top = (TokenInfo(hi, " hi", -0.1, False),)
-    chunk = shaper.chunk(0, event(1, hi, " hi", -0.1, top))
+    [chunk] = shaper.chunks(0, event(1, hi, " hi", -0.1, top))
     assert chunk["id"] == first["id"] and chunk["choices"][0]["delta"]["content"] == " hi"
     entry = chunk["choices"][0]["logprobs"]["content"][0]
     assert entry == {"token": " hi", "logprob": -0.1, "bytes": list(b" hi"),
                      "top_logprobs": [{"token": " hi", "logprob": -0.1, "bytes": list(b" hi")}]}
-    last = shaper.chunk(0, event(2, 2, "", -float("inf"), done=finish("eos_token", " hi", 2)))
+    [last] = shaper.chunks(0, event(2, 2, "", -float("inf"), done=finish("eos_token", " hi", 2)))
     assert last["choices"][0]["finish_reason"] == "stop"
     assert last["choices"][0]["logprobs"]["content"][0]["logprob"] == -9999.0  # JSON has no -inf
     usage = shaper.usage_chunk()
@@ -57,8 +59,35 @@ def test_chat_stream_chunks(router_tokenizer):
 
 def test_chat_stream_skips_empty_chunks_without_logprobs(router_tokenizer):
     shaper = ChatShaper("m", "fp", TokenStrings(router_tokenizer))
-    assert shaper.chunk(0, event(1, 5, "")) is None
+    assert shaper.chunks(0, event(1, 5, "")) == []
     assert "usage" not in shaper.role_chunk(0)
+
+
+def test_tool_calls_stream_and_response(router_tokenizer):
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    streamed = ChatShaper("m", "fp", TokenStrings(router_tokenizer), tool_calls=True)
+    pieces = [text[i:i + 7] for i in range(0, len(text), 7)]
+    chunks = []
+    for position, piece in enumerate(pieces, 1):
+        done = finish("eos_token", text, len(pieces)) if position == len(pieces) else None
+        chunks += streamed.chunks(0, event(position, 5, piece, -0.1, done=done))
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    calls = [d["tool_calls"][0] for d in deltas if d["tool_calls"]]
+    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert calls[0]["type"] == "function" and calls[0]["index"] == 0
+    arguments = "".join(c["function"]["arguments"] for c in calls)
+    assert json.loads(arguments) == {"city": "Paris"}
+    assert not any(d["content"] for d in deltas)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    whole = ChatShaper("m", "fp", TokenStrings(router_tokenizer), tool_calls=True).response(
+        [Choice(0, finish=finish("eos_token", text, 9))])
+    message = whole["choices"][0]["message"]
+    assert whole["choices"][0]["finish_reason"] == "tool_calls" and message["content"] is None
+    assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    plain = ChatShaper("m", "fp", TokenStrings(router_tokenizer), tool_calls=True).response(
+        [Choice(0, finish=finish("eos_token", "Just text.", 3))])
+    assert plain["choices"][0]["message"] == {"role": "assistant", "content": "Just text."}
+    assert plain["choices"][0]["finish_reason"] == "stop"
 
 
 def test_chat_response(router_tokenizer):

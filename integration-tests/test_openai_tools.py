@@ -84,7 +84,7 @@ def test_json_schema_response_format_validates(url):
 
 def test_json_object_response_format(url):
     response = client(url).chat.completions.create(
-        model="tgi", temperature=0, max_tokens=120, response_format={"type": "json_object"},
+        model="tgi", temperature=0, max_tokens=400, response_format={"type": "json_object"},
         messages=[{"role": "user", "content": "Give me a small JSON object with a cat's name and age."}])
     assert response.choices[0].finish_reason == "stop"  # the grammar completed, not cut by max_tokens
     assert isinstance(json.loads(response.choices[0].message.content), dict)

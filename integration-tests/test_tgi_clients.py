@@ -14,7 +14,7 @@ PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start
 
 
 def test_generate_with_details(url):
-    response = Client(url).generate(PROMPT, max_new_tokens=12)
+    response = Client(url, timeout=120).generate(PROMPT, max_new_tokens=12)
     assert "Paris" in response.generated_text
     details = response.details
     assert details.generated_tokens == len(details.tokens) <= 12
@@ -24,7 +24,7 @@ def test_generate_with_details(url):
 
 
 def test_stream_equals_generate(url):
-    client = Client(url)
+    client = Client(url, timeout=120)
     full = client.generate(PROMPT, max_new_tokens=16).generated_text
     events = list(client.generate_stream(PROMPT, max_new_tokens=16))
     assert [e.token.text for e in events if e.token.text] and events[-1].generated_text == full
@@ -34,7 +34,7 @@ def test_stream_equals_generate(url):
 
 
 def test_seeded_sampling_is_reproducible(url):
-    client = Client(url)
+    client = Client(url, timeout=120)
     kwargs = dict(max_new_tokens=16, do_sample=True, temperature=1.3, top_k=50, seed=1234)
     first, second = client.generate(PROMPT, **kwargs), client.generate(PROMPT, **kwargs)
     assert first.generated_text == second.generated_text
@@ -44,7 +44,7 @@ def test_seeded_sampling_is_reproducible(url):
 
 
 def test_stop_sequences(url):
-    client = Client(url)
+    client = Client(url, timeout=120)
     free = client.generate("Count: 1, 2, 3,", max_new_tokens=12).generated_text
     stop = free.split(",")[1] + ","  # a stop string that spans what the model writes next
     stopped = client.generate("Count: 1, 2, 3,", max_new_tokens=12, stop_sequences=[stop])
@@ -53,7 +53,7 @@ def test_stop_sequences(url):
 
 
 def test_top_n_tokens_and_decoder_input_details(url):
-    response = Client(url).generate(PROMPT, max_new_tokens=3, top_n_tokens=3, decoder_input_details=True)
+    response = Client(url, timeout=120).generate(PROMPT, max_new_tokens=3, top_n_tokens=3, decoder_input_details=True)
     prefill = response.details.prefill
     assert len(prefill) > 5
     assert prefill[0].logprob is None and all(t.logprob is not None for t in prefill[1:])
@@ -65,7 +65,7 @@ def test_top_n_tokens_and_decoder_input_details(url):
 
 def test_async_client(url):
     async def run():
-        client = AsyncClient(url)
+        client = AsyncClient(url, timeout=120)
         response = await client.generate(PROMPT, max_new_tokens=8)
         tokens = [event async for event in client.generate_stream(PROMPT, max_new_tokens=8)]
         return response, tokens
@@ -76,11 +76,11 @@ def test_async_client(url):
 
 def test_validation_error_through_client(url):
     with pytest.raises(ValidationError, match="`max_new_tokens` must be strictly positive"):
-        Client(url).generate(PROMPT, max_new_tokens=0)
+        Client(url, timeout=120).generate(PROMPT, max_new_tokens=0)
 
 
 def test_huggingface_hub_inference_client(url):
-    client = InferenceClient(url)
+    client = InferenceClient(url, timeout=120)
     text = client.text_generation(PROMPT, max_new_tokens=8)
     assert "Paris" in text
     details = client.text_generation(PROMPT, max_new_tokens=8, details=True)

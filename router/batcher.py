@@ -136,6 +136,8 @@ class Batcher:
             top = list(zip(g.top_tokens[0].ids, g.top_tokens[0].logprobs)) if g.top_tokens else []
             prefill = list(zip(g.prefill_tokens.ids, g.prefill_tokens.logprobs)) if g.prefill_tokens.ids else None
             finish = g.finished if g.HasField("finished") else None
+            if not entry.generated_ids and not entry.request.parameters.decoder_input_details:
+                self.kv.share_prompt(entry.allocation, entry.request.input_ids)  # its K/V exist now
             if entry.on_token(g.tokens.ids[0], g.tokens.logprobs[0], top, finish, prefill):
                 self._release(entry)
 

@@ -97,6 +97,13 @@ class KVManager:
         allocation.blocks.extend(fresh)
         return True
 
+    def share_prompt(self, allocation: Allocation, prompt_ids: Sequence[int]) -> None:
+        """Offer a request's prompt blocks to the prefix cache as soon as their K/V exist (its
+        prefill finished), so requests arriving while it still runs — like the other `n` choices
+        of one OpenAI request — reuse them. No-op without prefix caching."""
+        if self.cache is not None and not allocation.released:
+            self.cache.insert(prompt_ids, allocation.blocks)
+
     def release(self, allocation: Allocation, token_ids: Sequence[int] | None = None) -> None:
         """Give the request's blocks back, first offering its full blocks to the prefix cache.
 

@@ -138,16 +138,29 @@ async def merge_streams(infer, valids: list[ValidRequest]) -> AsyncIterator[tupl
                 yield 0, event
         return
     queue: asyncio.Queue = asyncio.Queue()
+    # Choices with the same prompt share its KV: the first one of each prompt starts at once, the
+    # others once it has its first token, when its prompt blocks are in the prefix cache.
+    prefilled: dict[tuple[int, ...], asyncio.Event] = {}
+    leaders = set()
+    for index, valid in enumerate(valids):
+        if valid.input_ids not in prefilled:
+            prefilled[valid.input_ids] = asyncio.Event()
+            leaders.add(index)
 
     async def pump(index: int, valid: ValidRequest) -> None:
+        ready = prefilled[valid.input_ids]
         try:
+            if index not in leaders:
+                await ready.wait()
             async with aclosing(infer.stream(valid)) as events:
                 async for event in events:
+                    ready.set()
                     queue.put_nowait((index, event))
         except Exception as error:  # noqa: BLE001 - becomes this choice's error event
             failure = IncompleteGenerationError(f"Incomplete generation: {error}")
             queue.put_nowait((index, ErrorEvent(failure)))
         finally:
+            ready.set()  # a failed leader must not leave its followers waiting
             queue.put_nowait((index, None))
 
     tasks = [asyncio.create_task(pump(i, v)) for i, v in enumerate(valids)]

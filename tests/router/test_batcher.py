@@ -140,3 +140,22 @@ def test_shard_failure_fails_only_that_step_and_recovers(harness):
     asyncio.run(drain(batcher))
     assert len(tokens(survivor)) == 6 and batcher.healthy
     assert kv.num_free_blocks + kv.num_evictable == kv.num_blocks - 1
+
+
+def test_prompt_blocks_are_shared_once_prefilled(harness):
+    """A request with the same prompt arriving while the first still runs reuses its KV."""
+    batcher, client, kv, submit = harness
+    shared = prompt(11, 14)  # three full blocks of 4
+    first = submit(shared, max_new_tokens=8)
+
+    async def run():
+        await batcher.step()  # prefill: the first token, the prompt's blocks are offered to the cache
+        second = submit(shared, max_new_tokens=8)
+        await batcher.step()
+        return second
+
+    second = asyncio.run(run())
+    assert second.allocation.cache_len == 12
+    assert second.allocation.blocks[:3] == first.allocation.blocks[:3]
+    asyncio.run(drain(batcher))
+    assert tokens(second) == tokens(first)

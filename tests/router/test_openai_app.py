@@ -125,7 +125,9 @@ def test_one_failed_choice_cancels_the_others(router_tokenizer):
         response = await client.post("/v1/chat/completions", json=body)
         return response.status, await response.json(), infer
 
-    status, body, infer = run(router_tokenizer, ["hang", [("error", "boom")], "hang"], scenario)
+    # Choice 0 leads (the others start once it has a token and its prompt KV is shared).
+    status, body, infer = run(router_tokenizer, [[("token", "x"), ("hang", None)], [("error", "boom")], "hang"],
+                              scenario)
     assert status == 500 and body["error"]["code"] == "generation"
     assert sorted(infer.cancelled) == [0, 2] and infer.permits == 8  # every permit back
 

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from router.grammar import TOOL_CALL_CLOSE, ToolCallParseError, ToolCallStream, split_tool_calls
+from router.tool_calls import TOOL_CALL_CLOSE, ToolCallParseError, ToolCallStream, split_tool_calls
 from router.request import Finish, TokenEvent, TokenInfo
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")

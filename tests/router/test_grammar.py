@@ -17,9 +17,10 @@ import router.grammar as rg
 from pytgi_proto import generate_pb2 as pb
 from router.errors import ValidationError
 from router.grammar import (
-    Constraint, GrammarError, GrammarNotSupported, GrammarValidator, ToolCallParseError, build_constraint,
-    constraint_for, native_grammar, parse_tool_call, split_tool_calls, tool_prompt,
+    Constraint, GrammarError, GrammarNotSupported, GrammarValidator, build_constraint, constraint_for,
+    native_grammar, tool_prompt,
 )
+from router.tool_calls import ToolCallDelta, ToolCallParseError, ToolCallStream, parse_tool_call, split_tool_calls
 from router.schemas import parse_generate_request
 from router.validation import ValidationLimits, Validator
 
@@ -387,7 +388,7 @@ def test_tool_prompt_names_the_tools_and_the_format():
 @pytest.mark.parametrize("chunk", [1, 2, 5, 1000])
 def test_tool_call_stream_adds_up_to_parse_tool_call(chunk):
     text = ("Let me check. " + call("get_weather", '{"city": "Pa}ri\\"s", "n": [1, {"a": "]"}]}') + "\n" + NOW_CALL)
-    stream = rg.ToolCallStream()
+    stream = ToolCallStream()
     deltas = []
     for i in range(0, len(text), chunk):
         deltas += stream.feed(text[i:i + chunk])
@@ -405,11 +406,11 @@ def test_tool_call_stream_adds_up_to_parse_tool_call(chunk):
 
 
 def test_tool_call_stream_plain_text_and_truncation():
-    stream = rg.ToolCallStream()
-    assert stream.feed("No tools <tool") == [rg.ToolCallDelta(content="No tools ")]  # "<tool" held back
-    assert stream.feed("s here") == [rg.ToolCallDelta(content="<tools here")]
+    stream = ToolCallStream()
+    assert stream.feed("No tools <tool") == [ToolCallDelta(content="No tools ")]  # "<tool" held back
+    assert stream.feed("s here") == [ToolCallDelta(content="<tools here")]
     assert stream.finish() == []
-    stream = rg.ToolCallStream()
+    stream = ToolCallStream()
     stream.feed('<tool_call>\n{"name": "now", "arguments": {')
     with pytest.raises(ToolCallParseError):
         stream.finish()

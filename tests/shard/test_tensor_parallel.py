@@ -3,7 +3,6 @@ the weights, and only rank `id % world` reports a request."""
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import replace
 from pathlib import Path

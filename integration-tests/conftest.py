@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,14 @@ import requests
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 300  # the first run converts the bundled GGUF (~25 s) before loading
+
+
+def metric(url: str, name: str) -> float:
+    """One sample of the server's Prometheus metrics (`name` may carry labels)."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
 
 
 def free_port() -> int:

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 
 import aiohttp
 import requests
+from conftest import metric
 
 PROMPT = "<|im_start|>user\nTell me a story about a dragon.<|im_end|>\n<|im_start|>assistant\n"
-
-
-def metric(url: str, name: str) -> float:
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def test_info_health_ping(url):

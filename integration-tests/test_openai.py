@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 
 import aiohttp
 import openai
 import pytest
 import requests
+from conftest import metric
 from conftest import start_launcher, stop_launcher
 from huggingface_hub import InferenceClient
 from openai import AsyncOpenAI, OpenAI
@@ -27,13 +27,6 @@ def client(url) -> OpenAI:
 def chat(client, messages=QUESTION, **kwargs):
     kwargs.setdefault("max_tokens", 12)
     return client.chat.completions.create(model="smollm2", messages=messages, **kwargs)
-
-
-def metric(url: str, name: str) -> float:
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 # ------------------------------------------------------------------------------------ chat

@@ -258,14 +258,32 @@ class Context:
             params = replace(params, grammar_type=constraint.grammar_type, grammar=constraint.grammar)
         return replace(valid, parameters=params)
 
-    def acquire_more(self, count: int) -> int:
-        if count + 1 > self.state.config.max_concurrent_requests:
-            limit = self.state.config.max_concurrent_requests
-            raise InvalidRequestError(f"This request asks for {count + 1} generations ('n' × prompts), more "
-                                      f"than --max-concurrent-requests ({limit}).", "n")
-        if count > 0:
-            self.state.infer.acquire(count)
-        return count
+
+class Permits:
+    """The admission permits one OpenAI request holds: one taken on entry (so an overloaded server
+    answers 429 before any validation, like TGI), one more per extra generation ('n' × prompts),
+    all given back on exit."""
+
+    def __init__(self, state: AppState) -> None:
+        self.infer = state.infer
+        self.limit = state.config.max_concurrent_requests
+        self.held = 0
+
+    def __enter__(self) -> "Permits":
+        self.infer.acquire()
+        self.held = 1
+        return self
+
+    def cover(self, generations: int) -> None:
+        if generations > self.limit:
+            raise InvalidRequestError(f"This request asks for {generations} generations ('n' × prompts), more "
+                                      f"than --max-concurrent-requests ({self.limit}).", "n")
+        if generations > self.held:
+            self.infer.acquire(generations - self.held)
+            self.held = generations
+
+    def __exit__(self, *exc) -> None:
+        self.infer.release(self.held)
 
 
 class OpenAIRoutes:
@@ -294,15 +312,10 @@ class OpenAIRoutes:
     # ------------------------------------------------------------------------------- chat
 
     async def chat_completions(self, request: web.Request, body=None) -> web.StreamResponse:
-        request[OPENAI_REQUEST] = True  # errors in the OpenAI envelope, also on /invocations
-        if body is None:
-            body = await read_openai_json(request)
+        body = await self._begin(request, body)
         ctx = self.ctx
         infer = ctx.state.infer
-        ctx.state.metrics.request_count.inc()
-        infer.acquire()
-        permits = 1
-        try:
+        with Permits(ctx.state) as permits:
             chat = parse_chat_request(body, ctx.limits)
             model = ctx.model_name(chat.model)
             constraint = await constraint_for(chat)
@@ -310,7 +323,7 @@ class OpenAIRoutes:
             valid = await ctx.validate(prompt, chat.sampling, add_special_tokens=False,
                                        top_n=chat.top_logprobs, what="messages", constraint=constraint)
             valids = per_choice(valid, chat.sampling.n)
-            permits += ctx.acquire_more(len(valids) - 1)
+            permits.cover(len(valids))
             shaper = ChatShaper(model, FINGERPRINT, ctx.tokens, include_usage=chat.sampling.include_usage,
                                 logprobs=chat.logprobs,
                                 tool_calls=constraint is not None and constraint.tool_call)
@@ -320,21 +333,14 @@ class OpenAIRoutes:
                 return await self._stream(request, valids, shaper, first, shaper.chunks)
             choices = await collect(infer, valids, [0] * len(valids))
             return web.json_response(shaper.response(choices))
-        finally:
-            infer.release(permits)
 
     # ------------------------------------------------------------------------ completions
 
     async def completions(self, request: web.Request, body=None) -> web.StreamResponse:
-        request[OPENAI_REQUEST] = True
-        if body is None:
-            body = await read_openai_json(request)
+        body = await self._begin(request, body)
         ctx = self.ctx
         infer = ctx.state.infer
-        ctx.state.metrics.request_count.inc()
-        infer.acquire()
-        permits = 1
-        try:
+        with Permits(ctx.state) as permits:
             req = parse_completion_request(body, ctx.limits)
             model = ctx.model_name(req.model)
             sampling = req.sampling
@@ -348,7 +354,7 @@ class OpenAIRoutes:
                 texts.append(prompt if isinstance(prompt, str) else ctx.state.tokenizer.decode(prompt))
                 valids += per_choice(valid, sampling.n)
                 prompt_indexes += [index] * sampling.n
-            permits += ctx.acquire_more(len(valids) - 1)
+            permits.cover(len(valids))
             shaper = CompletionShaper(model, FINGERPRINT, ctx.tokens, include_usage=sampling.include_usage,
                                       prompts=texts, echo=req.echo, logprobs=req.logprobs,
                                       score_only=score_only)
@@ -357,8 +363,15 @@ class OpenAIRoutes:
                 return await self._stream(request, valids, shaper, [],
                                           lambda i, event: shaper.chunks(i, prompt_indexes[i], event))
             return web.json_response(shaper.response(await collect(infer, valids, prompt_indexes)))
-        finally:
-            infer.release(permits)
+
+    async def _begin(self, request: web.Request, body):
+        """Every OpenAI request: errors in the OpenAI envelope (also on /invocations), the body,
+        the request counter."""
+        request[OPENAI_REQUEST] = True
+        if body is None:
+            body = await read_openai_json(request)
+        self.ctx.state.metrics.request_count.inc()
+        return body
 
     # ----------------------------------------------------------------------------- stream
 

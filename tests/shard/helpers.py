@@ -23,6 +23,13 @@ class BlockPool:
         return blocks
 
 
+def chat(tokenizer, question: str) -> list[int]:
+    """Token ids of one user question in the model's chat template (transformers tokenizer)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def greedy_request(
     request_id: int, prompt: list[int], max_new_tokens: int, pool: BlockPool, *, ignore_eos: bool = True, **fields
 ) -> pb.Request:

@@ -14,7 +14,7 @@ from pytgi_proto import generate_pb2 as pb
 from shard.grammar import GrammarMask, Grammars, step_mask
 from shard.model_source import resolve_model
 from tests.conftest import default_cache_dir, make_engine
-from tests.shard.helpers import BlockPool, collect, generate, greedy_request, run_to_completion
+from tests.shard.helpers import BlockPool, chat, collect, generate, greedy_request, run_to_completion
 
 pytestmark = pytest.mark.slow
 BLOCK = 16
@@ -43,12 +43,6 @@ def smol():
 @pytest.fixture(scope="module")
 def engine(smol):
     return make_engine(smol[0], block_size=BLOCK, num_blocks_tokens=16384)
-
-
-def chat(tokenizer, question: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def constrained(request_id, prompt, max_new, pool, grammar: str, kind: int, **params) -> pb.Request:

@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from shard.model_source import resolve_model
 from pytgi_proto import generate_pb2 as pb
 from tests.conftest import default_cache_dir, make_engine
-from tests.shard.helpers import BlockPool, Reference, assert_greedy_equal, collect, generate, greedy_request, run_to_completion
+from tests.shard.helpers import (
+    BlockPool, Reference, assert_greedy_equal, chat, collect, generate, greedy_request, run_to_completion,
+)
 
 pytestmark = pytest.mark.slow
 BLOCK = 16
@@ -31,12 +33,6 @@ def smol():
 @pytest.fixture(scope="module")
 def engine(smol):
     return make_engine(smol[0], block_size=BLOCK, num_blocks_tokens=16384)
-
-
-def chat(tokenizer, question: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def test_single_chat_request(engine, smol):

@@ -186,12 +186,13 @@ async def _wait_ready(proc: subprocess.Popen, socket_path: str, timeout_s: float
 
 
 @contextlib.contextmanager
-def launch_shard(model_id: str | None, timeout_s: float) -> Iterator[str]:
+def launch_shard(model_id: str | None, timeout_s: float, quantize: str | None = None) -> Iterator[str]:
     """Start `text-generation-server serve` on a temp socket; yield rank 0's socket path; always
     terminate it (SIGTERM, then SIGKILL) and remove the temp folder."""
     folder = tempfile.mkdtemp(prefix="pytgi-bench-")
     prefix, log_path = os.path.join(folder, "shard"), os.path.join(folder, "shard.log")
-    command = [*_server_command(), "serve", *([model_id] if model_id else []), "--uds-path", prefix]
+    command = [*_server_command(), "serve", *([model_id] if model_id else []), "--uds-path", prefix,
+               *(["--quantize", quantize] if quantize else [])]
     click.echo(f"launching {' '.join(command)}", err=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -313,6 +314,8 @@ def to_json(info: pb.InfoResponse, cfg: BenchConfig, results: list[BatchResult],
               help="Shard socket prefix (rank 0 listens on {uds-path}-0); ignored with --launch.")
 @click.option("--launch", is_flag=True, help="Start `text-generation-server serve` on a temp socket, stop it at the end.")
 @click.option("--model-id", default=None, help="Model for --launch (default: the bundled SmolLM2-135M-Instruct).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="Weight quantization of the --launch shard (the transformers baseline stays fp32).")
 @click.option("--launch-timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for the shard.")
 @click.option("-b", "--batch-size", "batch_sizes", type=click.IntRange(min=1), multiple=True,
               help=f"Batch size to measure; repeatable (default {', '.join(map(str, DEFAULT_BATCH_SIZES))}).")
@@ -325,11 +328,13 @@ def to_json(info: pb.InfoResponse, cfg: BenchConfig, results: list[BatchResult],
 @click.option("--compare-transformers", is_flag=True, help="Also measure plain transformers generate (fp32).")
 @click.option("--transformers-threads", type=click.IntRange(min=1), default=None,
               help="torch threads of the baseline (default: all cores, as the shard uses).")
-def main(uds_path, launch, model_id, launch_timeout, batch_sizes, sequence_length, decode_length, runs, warmups,
+def main(uds_path, launch, model_id, quantize, launch_timeout, batch_sizes, sequence_length, decode_length, runs, warmups,
          seed, json_out, compare_transformers, transformers_threads):
     """Measure prefill and decode latency / throughput of a shard over gRPC."""
     cfg = BenchConfig(tuple(batch_sizes) or DEFAULT_BATCH_SIZES, sequence_length, decode_length, runs, warmups, seed)
-    with launch_shard(model_id, launch_timeout) if launch else contextlib.nullcontext(f"{uds_path}-0") as master:
+    if quantize and not launch:
+        raise click.UsageError("--quantize applies to the shard --launch starts")
+    with launch_shard(model_id, launch_timeout, quantize) if launch else contextlib.nullcontext(f"{uds_path}-0") as master:
         try:
             info, results = asyncio.run(bench_shard(master, cfg))
         except ShardError as error:

@@ -44,7 +44,8 @@ _OPTIONS = [
             help="Shard the model over several processes (see --num-shard)."),
     _option("--num-shard", type=int, help="Number of shards (default: one per visible GPU, or 1 on CPU)."),
     _option("--quantize", type=click.Choice(config.QUANTIZE_CHOICES, case_sensitive=False),
-            help="Weight quantization (not supported yet: every value is rejected)."),
+            help="Weight quantization at load, CPU only: int8 (per-channel weights, dynamic int8 "
+                 "activations) or int4 (grouped weights, bf16 activations). TGI's GPU methods are rejected."),
     _option("--dtype", type=click.Choice(config.DTYPE_CHOICES),
             help="Weights dtype (default: float32 on CPU, float16 on GPU)."),
     _option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run."),

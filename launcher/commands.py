@@ -40,6 +40,8 @@ def build_shard_argv(args: LauncherArgs, rank: int, world_size: int) -> list[str
         argv.append("--sharded")
     if args.dtype:
         argv += ["--dtype", args.dtype]
+    if args.quantize:
+        argv += ["--quantize", args.quantize]
     return argv
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
-# TGI's quantization methods plus the CPU weight-only ones planned for pytgi. None is implemented
-# yet; the launcher rejects every value before starting anything.
+# TGI's quantization methods plus pytgi's CPU ones. Only IMPLEMENTED_QUANTIZE is served; the
+# others are accepted by the parser (TGI deployments pass them) and rejected with one line.
 QUANTIZE_CHOICES = (
     "int8", "int4",
     "awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin",
     "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8",
 )
+IMPLEMENTED_QUANTIZE = ("int8", "int4")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 USAGE_STATS_CHOICES = ("on", "off", "no-stack")
 MAX_UDS_PATH = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
@@ -136,8 +137,10 @@ def resolve_num_shard(sharded: bool | None, num_shard: int | None, visible_gpus:
 
 def validate(args: LauncherArgs) -> None:
     """Reject contradictions before anything starts; the message is one line."""
-    if args.quantize is not None:
-        raise ConfigError(f"--quantize {args.quantize} is not supported yet")
+    if args.quantize is not None and args.quantize not in IMPLEMENTED_QUANTIZE:
+        raise ConfigError(
+            f"--quantize {args.quantize} is not supported; pytgi implements "
+            f"{' and '.join(IMPLEMENTED_QUANTIZE)} (CPU weight quantization)")
     if args.max_input_tokens is not None and args.max_input_length is not None:
         raise ConfigError(
             f"both --max-input-tokens ({args.max_input_tokens}) and --max-input-length "

@@ -33,7 +33,9 @@ def _common(fn):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, envvar="DTYPE",
               help="Weights dtype (default: float32 on CPU, float16 on CUDA).")
 @click.option("--block-size", type=int, default=None, envvar="BLOCK_SIZE", help="Tokens per KV block (default 16; 256 with flash-attn).")
-def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_path, sharded, dtype, block_size):
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, envvar="QUANTIZE",
+              help="Quantize the linear layers' weights at load (CPU only).")
+def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_path, sharded, dtype, block_size, quantize):
     """Load MODEL_ID (default: the bundled SmolLM2-135M-Instruct) and serve it over gRPC."""
     from shard.config import build_config
     from shard.log import setup_logging
@@ -42,7 +44,7 @@ def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_
         config = build_config(
             model_id, revision=revision, uds_path=uds_path, sharded=sharded, dtype=dtype,
             trust_remote_code=trust_remote_code, json_output=json_output, log_level=logger_level,
-            block_size=block_size,
+            block_size=block_size, quantize=quantize,
         )
     except ValueError as error:
         sys.exit(f"error: {error}")
@@ -70,13 +72,14 @@ def _load(config):
             trust_remote_code=config.trust_remote_code, progress=log.info,
         )
         tp = init_tp_group(config)
-        ctx = ModelContext(tp, config.device, config.dtype, config.block_size, config.trust_remote_code)
+        ctx = ModelContext(tp, config.device, config.dtype, config.block_size, config.trust_remote_code, config.quantize)
         model = get_model(source.path, ctx)
     except (ModelSourceError, UnsupportedModelError, FileNotFoundError, KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
-    log.info("loaded %s (%s, %s) from %s", source.model_id, model.info.impl, config.dtype, source.path)
+    log.info("loaded %s (%s, %s%s) from %s", source.model_id, model.info.impl, config.dtype,
+             f", {config.quantize} weights" if config.quantize else "", source.path)
     return Engine(config, model, tp, source.path)
 
 

@@ -38,6 +38,7 @@ class ShardConfig:
     num_threads: int
     json_output: bool
     log_level: str
+    quantize: str | None = None
 
     @property
     def socket_path(self) -> str:
@@ -64,6 +65,7 @@ def build_config(
     memory_fraction: float | None = None,
     num_threads: int | None = None,
     device: str | None = None,
+    quantize: str | None = None,
 ) -> ShardConfig:
     env = os.environ
     rank = int(env.get("RANK", "0"))
@@ -80,6 +82,8 @@ def build_config(
     if block_size is None:
         # flash-attn's paged kernels need 256-token blocks; 16 keeps CPU prefix reuse fine-grained.
         block_size = 256 if dev.type == "cuda" and importlib.util.find_spec("flash_attn") else 16
+    if quantize is not None and dev.type != "cpu":
+        raise ValueError(f"--quantize {quantize} is implemented for CPU only; on GPUs serve float16 or bfloat16")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unsupported --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     hub_cache = env.get("HUGGINGFACE_HUB_CACHE") or env.get("HF_HUB_CACHE")
@@ -109,4 +113,5 @@ def build_config(
         num_threads=num_threads,
         json_output=json_output,
         log_level=log_level,
+        quantize=quantize,
     )

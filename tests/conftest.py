@@ -77,9 +77,9 @@ def make_config(model_id: str | None = None, block_size: int = 4) -> ShardConfig
     )
 
 
-def make_engine(folder: Path, block_size: int = 4, num_blocks_tokens: int = 4096) -> Engine:
+def make_engine(folder: Path, block_size: int = 4, num_blocks_tokens: int = 4096, quantize: str | None = None) -> Engine:
     config = make_config(str(folder), block_size)
-    model = get_model(folder, ModelContext(TPGroup(), config.device, config.dtype, block_size))
+    model = get_model(folder, ModelContext(TPGroup(), config.device, config.dtype, block_size, quantize=quantize))
     engine = Engine(config, model, TPGroup(), folder)
     engine.warmup(pb.WarmupRequest(max_batch_total_tokens=num_blocks_tokens, max_prefill_tokens=64))
     return engine

@@ -10,29 +10,26 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from shard.distributed import TPGroup
+from shard.layers.quant import make_linear
 
 
 class ColumnParallelLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quantize: str | None = None):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.linear = make_linear(weight, bias, quantize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x)
 
 
 class RowParallelLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TPGroup):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TPGroup, quantize: str | None = None):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
         # The bias is added once, after the reduction, by rank 0 only.
-        keep_bias = bias is not None and tp.rank == 0
-        self.bias = nn.Parameter(bias, requires_grad=False) if keep_bias else None
+        self.linear = make_linear(weight, bias if tp.rank == 0 else None, quantize)
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight, self.bias))
+        return self.tp.all_reduce(self.linear(x))

@@ -19,6 +19,7 @@ class ModelContext:
     dtype: torch.dtype
     block_size: int
     trust_remote_code: bool = False
+    quantize: str | None = None  # "int8" | "int4": CPU weight quantization at load (layers/quant.py)
 
 
 @dataclass(frozen=True, slots=True)

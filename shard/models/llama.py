@@ -50,9 +50,11 @@ class Attention(nn.Module):
                for p, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
         biases = [_optional(weights, f"{prefix}.{p}_proj.bias", lambda name, n=n: weights.get_heads(name, n, self.head_dim))
                   for p, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
-        self.qkv_proj = ColumnParallelLinear(torch.cat(qkv), torch.cat(biases) if biases[0] is not None else None)
+        self.qkv_proj = ColumnParallelLinear(
+            torch.cat(qkv), torch.cat(biases) if biases[0] is not None else None, ctx.quantize)
         self.o_proj = RowParallelLinear(
-            weights.get_sharded(f"{prefix}.o_proj.weight", dim=1), _optional(weights, f"{prefix}.o_proj.bias", weights.get), ctx.tp
+            weights.get_sharded(f"{prefix}.o_proj.weight", dim=1), _optional(weights, f"{prefix}.o_proj.bias", weights.get), ctx.tp,
+            ctx.quantize,
         )
         # Qwen3: RMSNorm over each head's q and k before the rotary embedding.
         eps = config.rms_norm_eps
@@ -79,8 +81,9 @@ class MLP(nn.Module):
         super().__init__()
         gate = weights.get_sharded(f"{prefix}.gate_proj.weight", dim=0)
         up = weights.get_sharded(f"{prefix}.up_proj.weight", dim=0)
-        self.gate_up_proj = ColumnParallelLinear(torch.cat([gate, up]), None)
-        self.down_proj = RowParallelLinear(weights.get_sharded(f"{prefix}.down_proj.weight", dim=1), None, ctx.tp)
+        self.gate_up_proj = ColumnParallelLinear(torch.cat([gate, up]), None, ctx.quantize)
+        self.down_proj = RowParallelLinear(
+            weights.get_sharded(f"{prefix}.down_proj.weight", dim=1), None, ctx.tp, ctx.quantize)
         self.act = gated(config.hidden_act)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(weights.get("model.norm.weight"), config.rms_norm_eps)
         tied = getattr(config, "tie_word_embeddings", False) or not weights.has("lm_head.weight")
         head = embed if tied else weights.get_sharded("lm_head.weight", dim=0, even=False)
-        self.lm_head = LMHead(head, config.vocab_size, tp)
+        self.lm_head = LMHead(head, config.vocab_size, tp, ctx.quantize)
         attn = self.layers[0].self_attn
         self.info = ModelInfo(
             impl="llama",

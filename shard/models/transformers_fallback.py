@@ -155,6 +155,11 @@ class TransformersModel:
                 f"the transformers fallback for {arch} does not support --num-shard > 1; use a fast-path "
                 "architecture (Llama, Mistral, Qwen2, Qwen3) or serve this model on a single shard"
             )
+        if ctx.quantize:
+            raise UnsupportedModelError(
+                f"--quantize {ctx.quantize} is implemented for the fast-path architectures (Llama, Mistral, "
+                f"Qwen2, Qwen3), not for the transformers fallback serving {arch}"
+            )
         model = AutoModelForCausalLM.from_pretrained(
             folder, config=copy.deepcopy(config), dtype=ctx.dtype, attn_implementation=ATTN_IMPLEMENTATION,
             trust_remote_code=ctx.trust_remote_code,

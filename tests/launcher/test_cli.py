@@ -97,7 +97,7 @@ def test_sagemaker_cpu_instance_num_gpus_0_is_ignored(launched):
 def test_sagemaker_quantize_is_rejected_like_the_flag(launched):
     result, _ = launched(env={"HF_MODEL_QUANTIZE": "gptq"})
     assert result.exit_code == 2
-    assert result.stderr == "error: --quantize gptq is not supported yet\n"
+    assert result.stderr == "error: --quantize gptq is not supported; pytgi implements int8 and int4 (CPU weight quantization)\n"
 
 
 @pytest.mark.parametrize("sharded, num_shard, gpus, expected", [
@@ -138,7 +138,7 @@ def test_shard_count_from_visible_gpus(launched):
     (["--max-input-tokens", "100", "--max-batch-prefill-tokens", "50"], "must be >= `max_input_tokens`"),
     (["--max-batch-prefill-tokens", "100", "--max-batch-total-tokens", "50"],
      "must be <= `max_batch_total_tokens`"),
-    (["--quantize", "int8"], "--quantize int8 is not supported yet"),
+    (["--quantize", "awq"], "--quantize awq is not supported; pytgi implements int8 and int4"),
     (["--quantize", "nonsense"], "Invalid value for '--quantize'"),
     (["--dtype", "float64"], "Invalid value for '--dtype'"),
     (["--port", "70000"], "--port 70000 is not a valid TCP port"),

@@ -11,11 +11,12 @@ def test_shard_argv_single_and_sharded():
     assert commands.build_shard_argv(args, 0, 1) == [
         "text-generation-server", "serve", "--logger-level", "INFO", "--uds-path", "/tmp/p"]
     args = LauncherArgs(model_id="org/m", revision="r1", trust_remote_code=True, json_output=True,
-                        dtype="bfloat16", shard_uds_path="/tmp/p", log_level="warn")
+                        dtype="bfloat16", quantize="int8", shard_uds_path="/tmp/p", log_level="warn")
     assert commands.build_shard_argv(args, 1, 2) == [
         "text-generation-server", "serve", "org/m", "--revision", "r1", "--trust-remote-code",
         "--json-output",
-        "--logger-level", "WARNING", "--uds-path", "/tmp/p", "--sharded", "--dtype", "bfloat16"]
+        "--logger-level", "WARNING", "--uds-path", "/tmp/p", "--sharded", "--dtype", "bfloat16",
+        "--quantize", "int8"]
 
 
 def test_download_argv():

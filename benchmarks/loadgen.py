@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import json
 import math
+import statistics
 import sys
 import time
 from collections import Counter
@@ -79,6 +80,15 @@ def prompts_for(name: str) -> tuple[str, ...]:
         return SHORT_PROMPTS
     if name == "long":
         return tuple(f"{LONG_CONTEXT}\n\nQuestion: {q}" for q in LONG_QUESTIONS)
+    if name == "prefill":
+        # ~512 prompt tokens each (SmolLM2 tokenizer, chat template included), and each distinct
+        # from its first words so no server can answer from a prompt cache: a prefill measurement.
+        extra = LONG_CONTEXT[: len(LONG_CONTEXT) // 4]
+        return tuple(f"Document {i}. {LONG_CONTEXT} {extra}\n\nSummarize document {i}." for i in range(64))
+    if name == "shared-prefix":
+        # The same ~1,000-token context, then a different question: what a prefix cache is for.
+        context = " ".join([LONG_CONTEXT] * 2 + [LONG_CONTEXT[: len(LONG_CONTEXT) * 2 // 5]])
+        return tuple(f"{context}\n\nQuestion: {q}" for q in LONG_QUESTIONS)
     return DEFAULT_PROMPTS
 
 
@@ -101,6 +111,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     e2e: float = 0.0
     output_tokens: int = 0
+    prompt_tokens: int | None = None  # from usage / details, when the server reports it
     finish_reason: str | None = None
     error: str | None = None
 
@@ -119,6 +130,9 @@ class Summary:
     e2e_ms: Stats
     finish_reasons: dict[str, int]
     error_samples: list[str]
+    prompt_tokens_mean: float | None = None
+    # In completion order: [ttft_ms, e2e_ms, prompt_tokens, output_tokens] of each ok request.
+    per_request: list[list] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -164,6 +178,7 @@ def handle_event(api: str, event: dict, result: RequestResult) -> bool:
     if api == "openai":
         if event.get("usage"):
             result.output_tokens = int(event["usage"].get("completion_tokens") or 0)
+            result.prompt_tokens = event["usage"].get("prompt_tokens")
         content = False
         for choice in event.get("choices") or []:
             content = content or bool((choice.get("delta") or {}).get("content"))
@@ -235,6 +250,9 @@ def summarize(results: list[RequestResult], wall_s: float) -> Summary:
         e2e_ms=Stats.of([r.e2e * 1e3 for r in ok]),
         finish_reasons=dict(Counter(r.finish_reason or "none" for r in ok)),
         error_samples=errors[:ERROR_SAMPLES],
+        prompt_tokens_mean=statistics.fmean(prompts) if (prompts := [r.prompt_tokens for r in ok if r.prompt_tokens]) else None,
+        per_request=[[None if r.ttft is None else round(r.ttft * 1e3, 2), round(r.e2e * 1e3, 2), r.prompt_tokens,
+                      r.output_tokens] for r in ok],
     )
 
 
@@ -259,7 +277,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ignore-eos", action="store_true", help='send "ignore_eos": true (openai only)')
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--prompt-set", choices=("default", "short", "long"), default="default")
+    p.add_argument("--prompt-set", choices=("default", "short", "long", "prefill", "shared-prefix"), default="default",
+                   help="prefill: distinct ~512-token prompts; shared-prefix: one ~1k-token context, "
+                        "different questions (with --concurrency 1 the per-request TTFTs in --json-out show the cache)")
     p.add_argument("--extra-body", default=None,
                    help="JSON object merged into the body (openai) or `parameters` (tgi)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, s")

@@ -39,19 +39,20 @@ class Server:
     url: str
     process: subprocess.Popen
     log_path: Path
-    uds_path: str
+    uds_path: str | None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
-def start_launcher(*args: str, env: dict | None = None) -> Server:
+def start_launcher(*args: str, env: dict | None = None, private_sockets: bool = False) -> Server:
+    """`private_sockets`: no --shard-uds-path, so the launcher picks its own private socket dir."""
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="pytgi-it-"))
-    uds = str(tmp / "shard")
+    uds = None if private_sockets else str(tmp / "shard")
     log_path = tmp / "launcher.log"
     command = [str(BIN / "text-generation-launcher"), "--hostname", "127.0.0.1", "--port", str(port),
-               "--shard-uds-path", uds, "--max-batch-total-tokens", "32768", *args]
+               *(["--shard-uds-path", uds] if uds else []), "--max-batch-total-tokens", "32768", *args]
     log = open(log_path, "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                start_new_session=True)

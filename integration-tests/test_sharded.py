@@ -54,3 +54,32 @@ def test_three_shards_equal_one_and_a_dead_rank_stops_everything(url):
         assert not [pid for pid in descendants if alive(pid)]
     finally:
         stop_launcher(server)
+
+
+def test_three_nodes_on_loopback_equal_one_shard(url, tmp_path):
+    """Multi-node recipe on one host: three launchers (--nnodes 3 --node-rank k), one shard each,
+    every node's shards on its own TCP port; node 0 runs the router and reaches ranks 1-2 over TCP."""
+    expected = [generate(url, p) for p in PROMPTS]
+    master, tcp = free_port(), [free_port() for _ in range(3)]
+    common = ["--nnodes", "3", "--num-shard", "1", "--master-addr", "127.0.0.1", "--master-port", str(master)]
+    exe = os.path.join(os.path.dirname(sys.executable), "text-generation-launcher")
+    others = []
+    for node in (1, 2):
+        log = open(tmp_path / f"node{node}.log", "w")
+        others.append(subprocess.Popen(
+            [exe, *common, "--node-rank", str(node), "--shard-tcp-address", f"127.0.0.1:{tcp[node]}",
+             "--shard-uds-path", str(tmp_path / f"n{node}"), "--port", str(free_port())],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    server = None
+    try:
+        server = start_launcher(*common, "--node-rank", "0", "--shard-tcp-address", f"127.0.0.1:{tcp[0]}")
+        assert requests.get(f"{server.url}/info", timeout=10).json()["num_shard"] == 3
+        assert [generate(server.url, p) for p in PROMPTS] == expected
+        assert "ready: shards 1..1 of 3" in (tmp_path / "node1.log").read_text()
+    finally:
+        if server is not None:
+            assert stop_launcher(server) == 0
+        for proc in others:
+            # Node 0 went away: the remote shards' collectives fail or they get SIGTERM here.
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)

@@ -14,6 +14,7 @@ ROUTER_EXE = "text-generation-router"
 
 
 def socket_path(args: LauncherArgs, rank: int) -> str:
+    assert args.shard_uds_path is not None, "the supervisor picks the private socket dir first"
     return f"{args.shard_uds_path}-{rank}"
 
 
@@ -42,6 +43,8 @@ def build_shard_argv(args: LauncherArgs, rank: int, world_size: int) -> list[str
         argv += ["--dtype", args.dtype]
     if args.quantize:
         argv += ["--quantize", args.quantize]
+    if args.shard_tcp_address:
+        argv += ["--tcp-address", args.shard_tcp_address]
     return argv
 
 
@@ -61,8 +64,9 @@ def child_env(args: LauncherArgs, base: Mapping[str, str]) -> dict[str, str]:
 
 def shard_env(args: LauncherArgs, rank: int, world_size: int, base: Mapping[str, str]) -> dict[str, str]:
     env = child_env(args, base)
-    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=args.master_addr,
-               MASTER_PORT=str(args.master_port))
+    local_rank = rank - args.node_rank * (world_size // args.nnodes)
+    env.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
+               MASTER_ADDR=args.master_addr, MASTER_PORT=str(args.master_port))
     optional = {
         "CUDA_MEMORY_FRACTION": args.cuda_memory_fraction,
         "WATERMARK_GAMMA": args.watermark_gamma,
@@ -82,6 +86,8 @@ ROUTER_OPTIONS = (
     "max_waiting_tokens", "max_batch_size", "validation_workers", "api_key", "cors_allow_origin",
     "json_output", "otlp_endpoint", "otlp_service_name", "payload_limit", "max_client_batch_size",
     "disable_grammar_support", "tokenizer_config_path", "disable_prefix_caching", "strict_model_name",
+    "api_key_file", "request_timeout", "graceful_termination_timeout", "client_header_timeout",
+    "client_body_timeout",
 )
 
 

@@ -62,9 +62,14 @@ class LauncherArgs:
     max_batch_size: int | None = None
     hostname: str = "0.0.0.0"
     port: int = 3000
-    shard_uds_path: str = "/tmp/text-generation-server"
+    shard_uds_path: str | None = None  # None: {a private 0700 temp dir}/shard, made by the supervisor
     master_addr: str = "localhost"
     master_port: int = 29500
+    # Multi-node (torchrun's names): this launcher runs shards node_rank * num_shard ... + num_shard - 1
+    # of nnodes * num_shard; node 0 also runs the router, which reaches every rank over TCP.
+    nnodes: int = 1
+    node_rank: int = 0
+    shard_tcp_address: str | None = None  # HOST:PORT; local shard i listens on HOST:PORT+i
     huggingface_hub_cache: str | None = None
     weights_cache_override: str | None = None
     cuda_memory_fraction: float | None = None
@@ -73,6 +78,7 @@ class LauncherArgs:
     otlp_service_name: str = "text-generation-inference.router"
     cors_allow_origin: tuple[str, ...] = ()
     api_key: str | None = None
+    api_key_file: str | None = None
     watermark_gamma: float | None = None
     watermark_delta: float | None = None
     tokenizer_config_path: str | None = None
@@ -81,6 +87,9 @@ class LauncherArgs:
     strict_model_name: bool = False
     payload_limit: int = 2_000_000
     graceful_termination_timeout: int = 90
+    request_timeout: float | None = None
+    client_header_timeout: float = 15.0
+    client_body_timeout: float = 60.0
     disable_prefix_caching: bool = False
     usage_stats: str = "off"
     env: bool = False
@@ -180,13 +189,24 @@ def validate(args: LauncherArgs) -> None:
         raise ConfigError(
             "`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`. "
             f"Given: {prefill} and {batch_total}")
-    if not args.shard_uds_path:
+    if args.shard_uds_path == "":
         raise ConfigError("--shard-uds-path must not be empty")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise ConfigError(f"`request_timeout` must be > 0 (got {args.request_timeout})")
+    for name in ("client_header_timeout", "client_body_timeout"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"`{name}` must be > 0 (got {getattr(args, name)})")
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError(f"--node-rank must be in [0, --nnodes) (got {args.node_rank} of {args.nnodes})")
+    if args.nnodes > 1 and not args.shard_tcp_address:
+        raise ConfigError("--nnodes > 1 needs --shard-tcp-address HOST:PORT (this node's address the router can reach)")
 
 
 def validate_shards(args: LauncherArgs, num_shard: int) -> None:
-    """Checks that need the resolved shard count."""
-    longest = f"{args.shard_uds_path}-{num_shard - 1}"
+    """Checks that need the resolved shard count (a private socket dir is checked once made)."""
+    if args.shard_uds_path is None:
+        return
+    longest = f"{args.shard_uds_path}-{num_shard * args.nnodes - 1}"
     if len(longest.encode()) > MAX_UDS_PATH:
         raise ConfigError(
             f"--shard-uds-path is too long: {longest!r} exceeds the {MAX_UDS_PATH}-byte unix socket limit")

@@ -7,6 +7,9 @@ Decisions:
   a child's own helpers are stopped too.
 - SIGINT, SIGTERM and SIGHUP all mean "shut down": each child gets SIGTERM, then SIGKILL after
   `--graceful-termination-timeout` seconds; a second signal skips the wait. Exit code 0.
+  The router goes first and alone: it drains (in-flight requests and streams finish, new ones
+  get 503), which needs the shards alive, so they get SIGTERM only once it has exited.
+- Without --shard-uds-path the shards' sockets go in a fresh 0700 temp dir, removed at exit.
 - Any child exiting while we did not ask it to (during start-up or later) is a failure: the
   others are terminated the same way and the launcher exits 1, saying which child died, how
   (exit code or signal) and its last 20 stderr lines.
@@ -30,14 +33,16 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TextIO
 
 from launcher import commands
-from launcher.config import LauncherArgs, shard_log_level
+from launcher.config import MAX_UDS_PATH, LauncherArgs, shard_log_level
 
 FAILURE = 1
 STDERR_TAIL = 20
@@ -265,37 +270,67 @@ class Supervisor:
         """Start everything, supervise until a signal (→ 0) or a child's death (→ 1)."""
         in_main = threading.current_thread() is threading.main_thread()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS} if in_main else {}
+        socket_dir = None
         try:
+            if self.args.shard_uds_path is None:
+                socket_dir = self._use_private_socket_dir()
             return self._launch_and_supervise()
         except StartupError as error:
             self.out.log("ERROR", str(error))
             return FAILURE
         finally:
             self._shutdown()
+            if socket_dir is not None:
+                shutil.rmtree(socket_dir, ignore_errors=True)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _use_private_socket_dir(self) -> str:
+        """The shards' sockets go in a fresh directory only we can enter (mkdtemp: mode 0700).
+        A shard obeys whoever connects, and a fixed /tmp path could be squatted by another
+        local user posing as a shard; inside this directory neither is possible."""
+        socket_dir = tempfile.mkdtemp(prefix="pytgi-")
+        prefix = os.path.join(socket_dir, "shard")
+        longest = f"{prefix}-{self.num_shard * self.args.nnodes - 1}"
+        if len(longest.encode()) > MAX_UDS_PATH:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+            raise StartupError(f"the temp dir {socket_dir} makes socket paths longer than {MAX_UDS_PATH} bytes; "
+                               "set TMPDIR to a shorter path or pass --shard-uds-path")
+        self.args = replace(self.args, shard_uds_path=prefix)
+        return socket_dir
+
     def _launch_and_supervise(self) -> int:
         args = self.args
-        check_port_free(args.hostname, args.port)
-        sockets = [commands.socket_path(args, rank) for rank in range(self.num_shard)]
+        if args.node_rank == 0:  # only node 0 serves HTTP
+            check_port_free(args.hostname, args.port)
+        # Multi-node: this node runs global ranks [first, first + num_shard) of world_size.
+        world_size, first = self.num_shard * args.nnodes, self.num_shard * args.node_rank
+        ranks = range(first, first + self.num_shard)
+        sockets = [commands.socket_path(args, rank) for rank in ranks]
         clear_stale_sockets(sockets)
         if self.download_cmd is not None and not self._download():
             return 0 if self.signals else FAILURE
-        for rank in range(self.num_shard):
+        for rank in ranks:
             self.shards.append(self._spawn(
-                f"shard-{rank}", f"shard {rank}", self.shard_cmd(args, rank, self.num_shard),
-                commands.shard_env(args, rank, self.num_shard, self.env)))
+                f"shard-{rank}", f"shard {rank}", self.shard_cmd(args, rank, world_size),
+                commands.shard_env(args, rank, world_size, self.env)))
         for shard, path in zip(self.shards, sockets):
             if not self._wait_until(shard, lambda path=path: unix_socket_accepts(path)):
                 return 0 if self.signals else FAILURE
             self.out.log("INFO", f"{shard.label} ready in {time.monotonic() - shard.started:.1f} s")
+        if args.node_rank > 0:
+            self.out.log("INFO", f"ready: shards {first}..{first + self.num_shard - 1} of {world_size} serving "
+                                 f"for the router on node 0")
+            return self._supervise()
         self.router = self._spawn("router", "router", self.router_cmd(args),
                                   commands.router_env(args, self.env))
         if not self._wait_until(self.router, lambda: tcp_port_accepts(args.hostname, args.port)):
             return 0 if self.signals else FAILURE
         self.out.log("INFO", f"ready: router listening on {args.hostname}:{args.port} "
-                             f"with {self.num_shard} shard(s)")
+                             f"with {world_size} shard(s)")
+        return self._supervise()
+
+    def _supervise(self) -> int:
         while not self.signals:
             if dead := self._first_exited():
                 return self._report_death(dead)

@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
+import time
 
 from aiohttp import web
 
+from router import request_id
+from router.auth import ApiKeys
 from router.config import RouterConfig
-from router.errors import PayloadTooLargeError, RouterError
+from router.docs import PUBLIC_PATHS as DOCS_PATHS, DocsRoutes
+from router.drain import DRAIN, Drain
+from router.errors import (
+    AuthenticationError,
+    DrainingError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    RouterError,
+)
 from router.openai import OPENAI_REQUEST, OpenAIRoutes
+from router.probes import ProbeRoutes
 from router.routes import TgiRoutes
 from router.state import STATE, AppState
+from router.tracing import tracing_middleware
 
 log = logging.getLogger(__name__)
-PUBLIC_PATHS = frozenset({"/health", "/ping", "/info", "/metrics"})
+# Every other path needs the API key (when one is set), unknown paths included: deny by default.
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/info", "/metrics", "/live", "/ready"}) | DOCS_PATHS
+REQUEST_ID = web.RequestKey("request_id", str)
+DRAIN_RETRY_AFTER_SECONDS = 5  # long enough for a load balancer to drop this replica
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS
 
 
 def is_openai(request: web.Request) -> bool:
@@ -22,10 +42,18 @@ def is_openai(request: web.Request) -> bool:
     return request.path == "/v1" or request.path.startswith("/v1/") or request.get(OPENAI_REQUEST, False)
 
 
-def openai_error(error: RouterError) -> web.Response:
+def openai_error(error: RouterError, headers: dict[str, str] | None = None) -> web.Response:
     status = error.openai_status
-    headers = {"Retry-After": "1"} if status == 429 else None
+    if status == 429:
+        headers = {"Retry-After": "1", **(headers or {})}
     return web.json_response(error.to_openai(), status=status, headers=headers)
+
+
+def error_response(request: web.Request, error: RouterError, headers: dict[str, str] | None = None) -> web.Response:
+    """`error` in the envelope of the route family `request` belongs to."""
+    if is_openai(request):
+        return openai_error(error, headers)
+    return web.json_response(error.to_tgi(), status=error.status, headers=headers)
 
 
 def error_middleware():
@@ -43,7 +71,7 @@ def error_middleware():
                 return openai_error(too_large)
             return web.json_response(too_large.to_tgi(), status=too_large.status)
         except web.HTTPException as error:
-            if error.status < 400 or not is_openai(request):
+            if error.status < 400:
                 raise
             if error.status == 404:
                 message = f"Invalid URL ({request.method} {request.path})."
@@ -52,7 +80,10 @@ def error_middleware():
             else:
                 message = error.text or error.reason
             error_type = error.reason.lower().replace(" ", "_")
-            return openai_error(RouterError(message, status=error.status, error_type=error_type))
+            # aiohttp's own 404/405 are plain text: answer them in the route family's envelope too.
+            headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
+            return error_response(request, RouterError(message, status=error.status, error_type=error_type),
+                                  headers)
         except Exception:
             if not is_openai(request):
                 raise
@@ -63,21 +94,91 @@ def error_middleware():
     return errors
 
 
-def auth_middleware(api_key: str):
-    expected = f"Bearer {api_key}".encode()
+def auth_middleware(keys: ApiKeys):
+    """Before routing, so that unknown paths answer 401, not 404, to a caller without a key.
+    CORS preflights never get here: cors_middleware (outside this one) answers them."""
 
     @web.middleware
     async def auth(request: web.Request, handler):
-        if request.path not in PUBLIC_PATHS and request.method != "OPTIONS":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):  # constant time
-                if is_openai(request):
-                    return openai_error(RouterError("Incorrect API key provided.", status=401,
-                                                    error_type="authentication", code="invalid_api_key"))
-                return web.json_response({"error": "Unauthorized", "error_type": "authentication"}, status=401)
-        return await handler(request)
+        if is_public(request.path) or keys.accepts(request.headers.get("Authorization")):
+            return await handler(request)
+        error = AuthenticationError("Incorrect API key provided." if is_openai(request) else "Unauthorized")
+        return error_response(request, error, {"WWW-Authenticate": "Bearer"})
 
     return auth
+
+
+def request_id_middleware():
+    """Outermost: every response (errors and streams included) echoes the id, and every log line
+    written while serving the request carries it (router/log.py). One access line per request."""
+
+    @web.middleware
+    async def with_request_id(request: web.Request, handler):
+        rid = request[REQUEST_ID] = request_id.resolve(request.headers.get(request_id.HEADER))
+        token = request_id.CURRENT.set(rid)
+        start, status = time.monotonic(), 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as error:
+            status = error.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # nginx's "client closed request": the client left, the handler was cancelled
+            raise
+        finally:
+            if not is_public(request.path):
+                log.info("%s %s %d %.0f ms", request.method, request.path, status,
+                         (time.monotonic() - start) * 1000)
+            request_id.CURRENT.reset(token)
+
+    return with_request_id
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: headers must be set before a stream's first byte, not after the handler."""
+    if REQUEST_ID in request:
+        response.headers[request_id.HEADER] = request[REQUEST_ID]
+
+
+def drain_middleware(drain: Drain):
+    """Counts protected requests in flight (a stream until its last event) and, once the router
+    drains, refuses new ones with 503 + Retry-After; probes always pass."""
+
+    @web.middleware
+    async def admission(request: web.Request, handler):
+        if is_public(request.path):
+            return await handler(request)
+        if drain.is_draining:
+            response = error_response(request, DrainingError(), {"Retry-After": str(DRAIN_RETRY_AFTER_SECONDS)})
+            response.force_close()  # the client's next request should open a connection elsewhere
+            return response
+        drain.enter()
+        try:
+            return await handler(request)
+        finally:
+            drain.leave()
+
+    return admission
+
+
+def body_timeout_middleware(timeout: float):
+    """Read the whole body up front within `timeout` (aiohttp has no body timeout: a client
+    trickling bytes would hold a handler forever). Handlers then reuse the cached body. Inside
+    error_middleware, so 408 and 413 get the route family's envelope."""
+
+    @web.middleware
+    async def read_body(request: web.Request, handler):
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(timeout):
+                    await request.read()
+            except TimeoutError:
+                raise RequestTimeoutError(f"The request body was not received within {timeout:g} s") from None
+        return await handler(request)
+
+    return read_body
 
 
 def cors_middleware(origins: tuple[str, ...]):
@@ -101,11 +202,20 @@ def cors_middleware(origins: tuple[str, ...]):
 
 def create_app(config: RouterConfig, state: AppState | None = None) -> web.Application:
     """With `state` given (tests), the app uses it instead of connecting to shards."""
-    middlewares = [cors_middleware(config.cors_allow_origin)]
-    if config.api_key:
-        middlewares.append(auth_middleware(config.api_key))
+    keys = ApiKeys.load(config.api_key, config.api_key_file)  # ValueError: unusable key file
+    drain = Drain()
+    middlewares = [request_id_middleware(), cors_middleware(config.cors_allow_origin)]
+    if config.otlp_endpoint:
+        # Inside request ids (spans carry them), outside the rest (spans cover auth and errors).
+        middlewares.insert(1, tracing_middleware(lambda request: request.app[STATE].tracer))
+    if keys is not None:
+        middlewares.append(auth_middleware(keys))
+    middlewares.append(drain_middleware(drain))
     middlewares.append(error_middleware())
+    middlewares.append(body_timeout_middleware(config.client_body_timeout))
     app = web.Application(middlewares=middlewares, client_max_size=config.payload_limit)
+    app[DRAIN] = drain
+    app.on_response_prepare.append(echo_request_id)
 
     async def startup(app: web.Application) -> None:
         app[STATE] = state or await AppState.connect(config)
@@ -118,7 +228,9 @@ def create_app(config: RouterConfig, state: AppState | None = None) -> web.Appli
 
     openai = OpenAIRoutes()
     TgiRoutes(invocations=openai.invocations).add_to(app)
+    ProbeRoutes(drain).add_to(app)
     openai.add_to(app)
+    DocsRoutes().add_to(app)
     app.on_startup.append(startup)
     app.on_startup.append(openai.startup)  # needs the state built by `startup`
     app.on_cleanup.append(cleanup)

@@ -78,11 +78,13 @@ class Batcher:
             await self._fail_step(new.entries if new else [], error, method)
             return True
         self.healthy = True
-        self.metrics.step(method, response, time.monotonic() - start, len(new.entries) if new else 0)
+        filtering = time.monotonic()
+        self._record_step(new.entries if new else [], updates, start, filtering, response)
         self._dispatch(response.generations)
         self.cached = response.batch if response.HasField("batch") else None
         await self._filter()
-        self.metrics.batch(self.running, self.cached, self.kv, len(self.queue))
+        self.metrics.step(method, response, start, filtering, time.monotonic(), len(new.entries) if new else 0)
+        self.metrics.batch(self.running, self.cached)
         return True
 
     def _chunk_updates(self) -> tuple[list[pb.RequestUpdate], int]:
@@ -117,9 +119,31 @@ class Batcher:
         if new is None and not self.running and len(self.queue):
             self._reject_unschedulable()
         if new is not None:
+            if running:
+                self.metrics.batch_concat.labels(self._concat_reason()).inc()
             for entry in new.entries:
                 self.running[entry.id] = entry
         return new
+
+    def _concat_reason(self) -> str:
+        """TGI's label for why new requests joined a running batch."""
+        if self.limits.support_chunking:
+            return "chunking"
+        return "wait_exceeded" if self.waiting_steps >= self.limits.max_waiting_tokens else "backpressure"
+
+    def _record_step(self, new_entries: list[Entry], updates: list[pb.RequestUpdate], start: float, end: float,
+                     response) -> None:
+        """The step, in the step log of every traced request that took part (before any leaves)."""
+        traced = [entry for entry in self.running.values() if entry.trace is not None]
+        if not traced:
+            return
+        prefilling = {e.id: e.num_computed - e.allocation.cache_len for e in new_entries}
+        prefilling.update((u.request_id, u.chunk_len) for u in updates)
+        size = len(self.running)
+        for entry in traced:
+            tokens = prefilling.get(entry.id)
+            entry.trace.record("decode" if tokens is None else "prefill", start, end, size,
+                               1 if tokens is None else tokens, response.forward_ns)
 
     def _reject_unschedulable(self) -> None:
         """Nothing runs and the head still does not fit: it never will (validation bounds
@@ -144,8 +168,7 @@ class Batcher:
     async def _filter(self) -> None:
         """Drop requests the router finished (stop strings) or whose client left."""
         for entry in [e for e in self.running.values() if e.cancelled and not e.finished]:
-            self.metrics.dropped()
-            self._release(entry)
+            self._release(entry)  # Infer counted its failure (dropped, timeout) when its consumer left
         if self.cached is None:
             return
         live = [i for i in self.cached.request_ids if i in self.running]
@@ -182,6 +205,7 @@ class Batcher:
             self._release(entry)
         self.running.clear()
         self.cached = None
+        self.metrics.batch(self.running, self.cached)
         try:
             await self.client.clear_cache(None)
         except ShardError as clear_error:

@@ -3,12 +3,13 @@ env vars); the launcher passes only what the user set, so these defaults apply o
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import os
 import sys
 
 import click
 
+from router.auth import read_key_file
 from router.config import RouterConfig
 
 
@@ -33,7 +34,8 @@ from router.config import RouterConfig
 @click.option("--api-key", default=None, envvar="API_KEY")
 @click.option("--cors-allow-origin", multiple=True, envvar="CORS_ALLOW_ORIGIN")
 @click.option("--json-output", is_flag=True, envvar="JSON_OUTPUT")
-@click.option("--otlp-endpoint", default=None, envvar="OTLP_ENDPOINT")
+@click.option("--otlp-endpoint", default=None, envvar="OTLP_ENDPOINT",
+              help="OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (none: no tracing).")
 @click.option("--otlp-service-name", default="text-generation-inference.router", envvar="OTLP_SERVICE_NAME")
 @click.option("--payload-limit", default=2_000_000, type=int, envvar="PAYLOAD_LIMIT")
 @click.option("--max-client-batch-size", default=4, type=int, envvar="MAX_CLIENT_BATCH_SIZE")
@@ -43,29 +45,36 @@ from router.config import RouterConfig
 @click.option("--log-level", default="info", envvar="LOG_LEVEL")
 @click.option("--strict-model-name", is_flag=True, envvar="STRICT_MODEL_NAME",
               help="OpenAI routes: 404 for a `model` other than the served one or \"tgi\".")
+@click.option("--api-key-file", default=None, envvar="API_KEY_FILE", type=click.Path(dir_okay=False),
+              help="More accepted API keys, one per line (blank and # lines ignored).")
+@click.option("--request-timeout", default=None, type=float, envvar="REQUEST_TIMEOUT",
+              help="Seconds a generation may take from queueing to its last token (408 after). Default: none.")
+@click.option("--graceful-termination-timeout", default=90.0, type=float, envvar="GRACEFUL_TERMINATION_TIMEOUT",
+              help="On SIGTERM: seconds in-flight requests may run on while new ones get 503.")
+@click.option("--client-header-timeout", default=15.0, type=float, envvar="CLIENT_HEADER_TIMEOUT",
+              help="Seconds to receive a request's headers (also the idle keep-alive limit).")
+@click.option("--client-body-timeout", default=60.0, type=float, envvar="CLIENT_BODY_TIMEOUT",
+              help="Seconds to receive a request's body once its headers arrived (408 after).")
 def main(disable_prefix_caching: bool, cors_allow_origin: tuple[str, ...], **options) -> None:
     """Serve TGI's HTTP API in front of running shards."""
     config = RouterConfig(prefix_caching=not disable_prefix_caching, cors_allow_origin=tuple(cors_allow_origin),
                           **options)
     try:
         config.check()
+        if config.api_key_file:
+            read_key_file(config.api_key_file)  # fail now, before connecting to the shards
     except ValueError as error:
         sys.exit(f"error: {error}")
     # The router uses transformers only to render chat templates; without these, importing it
     # pulls in torch (+2 s, +250 MB) and logs advice about missing frameworks.
     os.environ.setdefault("USE_TORCH", "0")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from aiohttp import web
-
     from router.app import create_app
     from router.log import setup_logging
+    from router.server import serve
 
     setup_logging(config.log_level, config.json_output)
-    if config.otlp_endpoint:
-        # Accepted for TGI compatibility, but say so rather than pretend: no exporter yet.
-        logging.getLogger("router").warning("--otlp-endpoint is not implemented yet: no traces are exported")
-    web.run_app(create_app(config), host=config.hostname, port=config.port, print=None,
-                handler_cancellation=True, access_log=None)
+    asyncio.run(serve(create_app(config), config))
 
 
 if __name__ == "__main__":

@@ -38,8 +38,14 @@ class ShardError(Exception):
         self.url = url
 
 
-def _unix_url(path_or_url: str) -> str:
-    return path_or_url if path_or_url.startswith("unix:") else f"unix://{path_or_url}"
+def _grpc_target(path_or_url: str) -> str:
+    """A socket path becomes a unix:// URL; URLs and HOST:PORT (multi-node shards) pass as they are."""
+    if path_or_url.startswith(("unix:", "ipv4:", "ipv6:", "dns:")):
+        return path_or_url
+    host, _, port = path_or_url.rpartition(":")
+    if host and port.isdigit() and "/" not in path_or_url:
+        return path_or_url
+    return f"unix://{path_or_url}"
 
 
 class ShardClient:
@@ -49,7 +55,7 @@ class ShardClient:
     __slots__ = ("url", "_channel", "_stub")
 
     def __init__(self, path_or_url: str):
-        self.url = _unix_url(path_or_url)
+        self.url = _grpc_target(path_or_url)
         self._channel = grpc.aio.insecure_channel(self.url, options=_CHANNEL_OPTIONS)
         self._stub = generate_pb2_grpc.TextGenerationServiceStub(self._channel)
 

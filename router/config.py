@@ -36,6 +36,12 @@ class RouterConfig:
     prefix_caching: bool
     log_level: str = "info"
     strict_model_name: bool = False  # /v1/*: 404 for a `model` other than the served one (or "tgi")
+    # Security and shutdown (router/auth.py, router/server.py, router/drain.py).
+    api_key_file: str | None = None  # more accepted keys, one per line
+    request_timeout: float | None = None  # seconds from queueing to the last token; None: no deadline
+    graceful_termination_timeout: float = 90.0  # SIGTERM → exit: how long in-flight requests may run on
+    client_header_timeout: float = 15.0  # connection open (or last response) → complete request headers
+    client_body_timeout: float = 60.0  # headers → complete request body
 
     def check(self) -> None:
         """Cross-checks of the token limits that can be made before warmup (TGI's rules)."""
@@ -49,3 +55,10 @@ class RouterConfig:
             raise ValueError("`max_concurrent_requests` must be > 0")
         if self.validation_workers < 1:
             raise ValueError("`validation_workers` must be > 0")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError("`request_timeout` must be > 0")
+        if self.graceful_termination_timeout < 0:
+            raise ValueError("`graceful_termination_timeout` must be >= 0")
+        for name in ("client_header_timeout", "client_body_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be > 0")

@@ -169,3 +169,35 @@ class PayloadTooLargeError(RouterError):
 
     def __init__(self, message: str = "Payload Too Large") -> None:
         super().__init__(message)
+
+
+class RequestTimeoutError(RouterError):
+    """408: the request ran past a server deadline (`--request-timeout` for the whole generation,
+    or `--client-body-timeout` for receiving the body). 408 rather than 504 because no gateway
+    waited on an upstream: the limit is this server's policy for this request. OpenAI's SDK and
+    LiteLLM read 408 as a timeout (and retry it), which is what a client should do about it."""
+
+    status = 408
+    error_type = "request_timeout"
+
+
+class DrainingError(RouterError):
+    """503 while the router shuts down: in-flight requests finish, new ones go elsewhere."""
+
+    status = 503
+    error_type = "unavailable"
+
+    def __init__(self, message: str = "The server is shutting down; retry on another replica") -> None:
+        super().__init__(message)
+
+
+class AuthenticationError(RouterError):
+    """401: no or wrong API key. TGI's body is `{"error": "Unauthorized", ...}`; the OpenAI
+    envelope carries OpenAI's own message and code."""
+
+    status = 401
+    error_type = "authentication"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str = "Unauthorized") -> None:
+        super().__init__(message)

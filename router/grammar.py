@@ -127,6 +127,8 @@ def schema_text(schema: Any, param: str | None = None) -> str:
 
 def check_limits(grammar_type: int, text: str) -> None:
     """The cheap limits, before any compile (GrammarError)."""
+    if not text:  # xgrammar compiles an empty regex, but the shards refuse an empty grammar
+        raise GrammarError("the grammar is empty")
     if len(text) > MAX_GRAMMAR_CHARS:
         raise GrammarError(f"the grammar is {len(text)} characters long; the limit is {MAX_GRAMMAR_CHARS}")
     if grammar_type == REGEX:

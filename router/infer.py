@@ -8,12 +8,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from router.errors import IncompleteGenerationError, OverloadedError, RouterError
+from router.errors import IncompleteGenerationError, OverloadedError, RequestTimeoutError, RouterError
 from router.metrics import Metrics
 from router.queue import Queue
 from router.request import Entry, ErrorEvent, Event, Finish, TokenEvent
 from router.schemas import GenerateRequest
 from router.tokenizer import Tokenizer
+from router.tracing import Tracer
 from router.validation import ValidRequest, Validator
 
 
@@ -35,20 +36,24 @@ class Generated:
 
 class Infer:
     def __init__(self, validator: Validator, tokenizer: Tokenizer, queue: Queue, metrics: Metrics,
-                 max_concurrent_requests: int):
+                 max_concurrent_requests: int, request_timeout: float | None = None, tracer: Tracer | None = None):
         self.validator = validator
         self.tokenizer = tokenizer
         self.queue = queue
         self.metrics = metrics
         self.permits = max_concurrent_requests
+        self.request_timeout = request_timeout  # seconds from queueing; None: no deadline
+        self.tracer = tracer
         self._ids = itertools.count()
 
     async def validate(self, request: GenerateRequest) -> ValidRequest:
+        start = time.monotonic()
         try:
             valid = await self.validator.validate(request)
         except RouterError as error:
-            self.metrics.request_failure.labels(error.error_type).inc()
+            self.metrics.failure(error.error_type)
             raise
+        self.metrics.validation_duration.observe(time.monotonic() - start)
         self.metrics.input_length.observe(valid.input_length)
         self.metrics.max_new_tokens.observe(valid.parameters.max_new_tokens)
         return valid
@@ -56,7 +61,7 @@ class Infer:
     def acquire(self, count: int = 1) -> None:
         """Take `count` permits now or fail with 429 (TGI: try_acquire, no waiting)."""
         if self.permits < count:
-            self.metrics.request_failure.labels("overloaded").inc()
+            self.metrics.failure("overloaded")
             raise OverloadedError()
         self.permits -= count
 
@@ -64,26 +69,51 @@ class Infer:
         self.permits += count
 
     async def stream(self, valid: ValidRequest) -> AsyncIterator[Event]:
-        """Events of one generation. Leaving the iterator early (client gone) cancels it."""
+        """Events of one generation. Leaving the iterator early (client gone, deadline passed)
+        cancels it: the batcher drops it at its next step and frees its KV blocks."""
         entry = Entry.create(next(self._ids), valid, self.tokenizer)
+        if self.tracer is not None:
+            entry.trace = self.tracer.step_log()  # its spans: children of the request's
         self.queue.append(entry)
+        end: Event | None = None  # the finishing token or the error, once the stream reached it
+        last_token_at = entry.queued_at
         try:
-            while True:
-                event = await entry.events.get()
+            while end is None:
+                event = await self._next_event(entry)
+                now = time.monotonic()
                 # Metrics before yielding: a consumer may stop iterating at the last event.
                 if isinstance(event, ErrorEvent):
-                    self.metrics.request_failure.labels(event.error.error_type).inc()
-                elif event.index == 1:
-                    self.metrics.ttft.observe(time.monotonic() - entry.queued_at)
-                if isinstance(event, TokenEvent) and event.finish is not None:
-                    self._record(event.finish)
+                    self.metrics.failure(event.error.error_type)
+                    end = event
+                else:
+                    if event.index == 1:
+                        self.metrics.ttft.observe(now - entry.queued_at)
+                    else:
+                        self.metrics.inter_token_latency.observe(now - last_token_at)
+                    last_token_at = now
+                    if event.finish is not None:
+                        self._record(event.finish)
+                        end = event
                 yield event
-                if isinstance(event, ErrorEvent) or event.finish is not None:
-                    return
         finally:
+            if end is None:  # the consumer left before the end: TGI counts that as dropped
+                self.metrics.failure("dropped")
             if not entry.finished:
                 entry.cancelled = True
                 self.queue.notify()
+            if entry.trace is not None:
+                self.tracer.end_generation(entry, end)
+
+    async def _next_event(self, entry: Entry) -> Event:
+        if self.request_timeout is None:
+            return await entry.events.get()
+        remaining = entry.queued_at + self.request_timeout - time.monotonic()
+        try:
+            return await asyncio.wait_for(entry.events.get(), remaining)
+        except asyncio.TimeoutError:
+            # Not entry.fail(): the entry must stay unfinished so that the batcher releases it.
+            return ErrorEvent(RequestTimeoutError(
+                f"Request exceeded the server's time limit of {self.request_timeout:g} s"))
 
     async def generate(self, valid: ValidRequest) -> Generated:
         start = time.monotonic()

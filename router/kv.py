@@ -29,7 +29,7 @@ class Allocation:
 
 
 class KVManager:
-    __slots__ = ("allocator", "cache", "prefix_hit_tokens", "prefix_query_tokens")
+    __slots__ = ("allocator", "cache", "prefix_hit_tokens", "prefix_query_tokens", "prefix_hits", "prefix_queries")
 
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool) -> None:
         self.allocator = BlockAllocator(num_blocks, block_size)
@@ -38,6 +38,8 @@ class KVManager:
         # scheduling step and would otherwise be counted again each time.
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
+        self.prefix_hits = 0  # allocations that reused at least one cached block
+        self.prefix_queries = 0
 
     @property
     def block_size(self) -> int:
@@ -65,6 +67,18 @@ class KVManager:
     def num_cached_blocks(self) -> int:
         return self.cache.num_cached_blocks if self.cache is not None else 0
 
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks off the free list: held by requests, by the prefix cache, or both."""
+        return self.allocator.num_used
+
+    @property
+    def num_request_blocks(self) -> int:
+        """Blocks at least one request holds (a block shared by several counts once); 0 whenever
+        no request runs, so anything else on an idle server is a leak. O(cached blocks)."""
+        idle = self.cache.num_idle_blocks if self.cache is not None else 0
+        return self.allocator.num_used - idle
+
     def allocate(self, prompt_ids: Sequence[int], num_tokens: int) -> Allocation | None:
         """Reserve blocks for `num_tokens` tokens in total, reusing a cached prefix of `prompt_ids`.
 
@@ -86,6 +100,8 @@ class KVManager:
         if self.cache is not None and prompt_ids:
             self.prefix_hit_tokens += cache_len
             self.prefix_query_tokens += len(prompt_ids)
+            self.prefix_hits += cache_len > 0
+            self.prefix_queries += 1
         return Allocation(blocks=cached + fresh, cache_len=cache_len)
 
     def extend(self, allocation: Allocation, num_tokens: int) -> bool:

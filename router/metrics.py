@@ -1,11 +1,30 @@
-"""Prometheus metrics with TGI's `tgi_*` names (plus KV/prefix-cache/TTFT ones), in a registry
-owned by the app (no process-global registry)."""
+"""Prometheus metrics with TGI's `tgi_*` names, types and labels (plus TTFT, inter-token latency,
+KV blocks and prefix-cache ones), in a registry owned by the app (no process-global registry).
+
+Who records what: handlers count requests; `Infer` records per-request figures as the consumer
+reads its events (validation, TTFT, inter-token gaps, success/failure, durations); the batcher
+records per-step figures. Figures that change outside a step (queue length) or that live in the
+KV manager are read at scrape time, so an idle server reports its true state.
+
+TGI metrics not exported: `tgi_request_skipped_tokens` (speculative decoding, which pytgi does not
+do: it would always be empty).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from router.kv import KVManager
 
 DURATION_BUCKETS = tuple(0.00015 * 1.5**i for i in range(35))
+# TGI's `err` labels for error types whose JSON `error_type` is longer.
+FAILURE_LABELS = {"incomplete_generation": "incomplete", "incomplete_generation_stream": "incomplete",
+                  "template_error": "template"}
 
 
 def _linear(maximum: int, count: int = 100) -> tuple[float, ...]:
@@ -37,6 +56,8 @@ class Metrics:
         self.inference_duration = histogram("tgi_request_inference_duration", "Inference duration (s)")
         self.time_per_token = histogram("tgi_request_mean_time_per_token_duration", "Mean inter-token latency (s)")
         self.ttft = histogram("pytgi_request_time_to_first_token", "Time to first token (s)")
+        self.inter_token_latency = histogram("pytgi_request_inter_token_latency",
+                                             "Gap between consecutive tokens of a request (s)")
         self.generated_tokens = histogram("tgi_request_generated_tokens", "Generated tokens", _linear(max_total_tokens))
         self.input_length = histogram("tgi_request_input_length", "Prompt tokens", _linear(max_input_tokens))
         self.max_new_tokens = histogram("tgi_request_max_new_tokens", "Requested max_new_tokens", _linear(max_total_tokens))
@@ -52,16 +73,28 @@ class Metrics:
         self.forward_duration = histogram("tgi_batch_forward_duration", "Shard forward (s)", labels=("method",))
         self.decode_duration = histogram("tgi_batch_decode_duration", "Shard sampling (s)", labels=("method",))
         self.concat_duration = histogram("tgi_batch_concat_duration", "Shard concatenation (s)", labels=("method",))
-        self.kv_used = gauge("pytgi_kv_blocks_used", "KV blocks held by requests or the prefix cache")
-        self.kv_free = gauge("pytgi_kv_blocks_free", "KV blocks free")
-        self.kv_cached = gauge("pytgi_prefix_cache_blocks", "KV blocks held by the prefix cache")
-        self.prefix_hit_tokens = gauge("pytgi_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache")
-        self.prefix_query_tokens = gauge("pytgi_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache")
+        self.filter_duration = histogram("tgi_batch_filter_duration",
+                                         "Router time to stream a step's tokens and filter the batch (s)",
+                                         labels=("method",))
+        self.batch_concat = counter("tgi_batch_concat", "New requests joined a running batch", ("reason",))
 
-    def step(self, method: str, response, seconds: float, new_requests: int) -> None:
+    def watch(self, kv: KVManager, queue_size: Callable[[], int]) -> None:
+        """Read the queue length and the KV figures at scrape time from now on."""
+        self.queue_size.set_function(queue_size)
+        self.registry.register(KVCollector(kv))
+
+    def failure(self, error_type: str) -> None:
+        self.request_failure.labels(FAILURE_LABELS.get(error_type, error_type)).inc()
+
+    def step(self, method: str, response, started: float, filtering: float, finished: float,
+             new_requests: int) -> None:
+        """One successful step (monotonic times): the RPC ran from `started` to `filtering`, then the
+        router streamed its tokens and filtered the batch until `finished`. As in TGI, the step's
+        inference duration covers both."""
         self.batch_count.labels(method).inc()
         self.batch_success.labels(method).inc()
-        self.batch_duration.labels(method).observe(seconds)
+        self.batch_duration.labels(method).observe(finished - started)
+        self.filter_duration.labels(method).observe(finished - filtering)
         self.forward_duration.labels(method).observe(response.forward_ns / 1e9)
         self.decode_duration.labels(method).observe(response.decode_ns / 1e9)
         if response.HasField("concat_ns"):
@@ -73,19 +106,37 @@ class Metrics:
         self.batch_count.labels(method).inc()
         self.batch_failure.labels(method).inc()
 
-    def dropped(self) -> None:
-        self.request_failure.labels("dropped").inc()
-
-    def batch(self, running: dict, cached, kv, queue_size: int) -> None:
-        self.queue_size.set(queue_size)
+    def batch(self, running: dict, cached) -> None:
         self.batch_size.set(len(running))
         self.batch_max_tokens.set(cached.max_tokens if cached is not None else 0)
-        free = kv.num_free_blocks
-        self.kv_free.set(free)
-        self.kv_used.set(kv.num_blocks - 1 - free)
-        self.kv_cached.set(kv.num_cached_blocks)
-        self.prefix_hit_tokens.set(kv.prefix_hit_tokens)
-        self.prefix_query_tokens.set(kv.prefix_query_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class KVCollector:
+    """KV block and prefix-cache figures, read from the KV manager at each scrape."""
+
+    def __init__(self, kv: KVManager) -> None:
+        self.kv = kv
+
+    def collect(self) -> Iterator[Metric]:
+        kv = self.kv
+        yield GaugeMetricFamily("pytgi_kv_blocks_used", "KV blocks held by requests or the prefix cache",
+                                value=kv.num_used_blocks)
+        yield GaugeMetricFamily("pytgi_kv_blocks_free", "KV blocks on the free list", value=kv.num_free_blocks)
+        yield GaugeMetricFamily("pytgi_kv_blocks_held_by_requests",
+                                "KV blocks held by at least one request (0 when idle; more is a leak)",
+                                value=kv.num_request_blocks)
+        yield GaugeMetricFamily("pytgi_prefix_cache_blocks", "KV blocks held by the prefix cache",
+                                value=kv.num_cached_blocks)
+        yield GaugeMetricFamily("pytgi_prefix_cache_evictable_blocks",
+                                "Prefix-cache blocks that could be evicted now", value=kv.num_evictable)
+        yield CounterMetricFamily("pytgi_prefix_cache_hits", "Admitted requests that reused cached blocks",
+                                  value=kv.prefix_hits)
+        yield CounterMetricFamily("pytgi_prefix_cache_queries", "Admitted requests looked up in the prefix cache",
+                                  value=kv.prefix_queries)
+        yield CounterMetricFamily("pytgi_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                  value=kv.prefix_hit_tokens)
+        yield CounterMetricFamily("pytgi_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
+                                  value=kv.prefix_query_tokens)

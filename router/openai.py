@@ -41,7 +41,7 @@ from router.openai_schemas import (
     parse_completion_request,
 )
 from router.request import ErrorEvent, TokenEvent
-from router.routes import read_json
+from router.routes import read_json, tokenize_with_offsets
 from router.schemas import GenerateParameters, GenerateRequest
 from router.sse import ClientGone, SseWriter
 from router.state import STATE, VERSION, AppState
@@ -415,7 +415,7 @@ class OpenAIRoutes:
         """TGI's `/chat_tokenize`: the templated prompt and its tokens (TGI error shape)."""
         chat = parse_chat_request(await read_json(request), self.ctx.limits)
         prompt = await self.ctx.render(chat)
-        tokens = await self.ctx.state.tokenizer.aencode_with_offsets(prompt, add_special_tokens=False)
+        tokens = await tokenize_with_offsets(self.ctx.state.tokenizer, prompt, add_special_tokens=False)
         return web.json_response({
             "tokenize_response": [{"id": i, "text": prompt[start:stop], "start": start, "stop": stop}
                                   for i, start, stop in tokens],

@@ -276,9 +276,10 @@ def parse_chat_request(body: Any, limits: OpenAILimits) -> ChatRequest:
     if body.get("functions") is not None or body.get("function_call") is not None:
         raise InvalidRequestError("'functions' and 'function_call' are deprecated and not supported; use "
                                   "'tools' and 'tool_choice'.", "functions")
-    max_tokens = _int(body, "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = _int(body, "max_tokens")
+    # Both are checked, whichever is used (max_completion_tokens wins): a bad value is never ignored.
+    max_completion_tokens, max_tokens = _int(body, "max_completion_tokens", 1), _int(body, "max_tokens", 1)
+    if max_completion_tokens is not None:
+        max_tokens = max_completion_tokens
     sampling = _sampling(body, limits, max_tokens=max_tokens)
     logprobs = bool(_bool(body, "logprobs", False))
     top_logprobs = _int(body, "top_logprobs", 0, limits.max_top_n_tokens)

@@ -94,6 +94,7 @@ class Queue:
             for entry in reversed(taken):
                 self.kv.release(entry.allocation)
                 entry.allocation = None
+                entry.batched_at = 0.0  # not admitted after all
                 self._entries.appendleft(entry)
             return None
         batch_id = self._next_batch_id

@@ -85,6 +85,19 @@ class RadixCache:
             total += ok
         return total
 
+    @property
+    def num_idle_blocks(self) -> int:
+        """Cached blocks that only the cache holds (refcount 1), evictable now or not; O(cached
+        blocks). `used - num_idle_blocks` is what requests hold: 0 on an idle server, else a leak."""
+        refcount = self._allocator.refcount
+        total = 0
+        stack = list(self._root.children.values())
+        while stack:
+            node = stack.pop()
+            total += refcount(node.block) == 1
+            stack.extend(node.children.values())
+        return total
+
     # -- lookup / insertion ----------------------------------------------------------------------
 
     def match(self, token_ids: Sequence[int]) -> PrefixMatch:

@@ -16,6 +16,7 @@ from router.detokenizer import IncrementalDetokenizer, StopSequenceMatcher
 from router.errors import RouterError
 from router.kv import Allocation
 from router.tokenizer import Tokenizer
+from router.tracing import StepLog
 from router.validation import ValidRequest
 
 FINISH_REASONS = {0: "length", 1: "eos_token", 2: "stop_sequence"}
@@ -82,6 +83,7 @@ class Entry:
     text: str = ""  # the output so far, after stop-sequence handling
     cancelled: bool = False  # the client went away
     finished: bool = False
+    trace: StepLog | None = None  # the shard steps it took part in, when tracing is on
 
     @classmethod
     def create(cls, request_id: int, request: ValidRequest, tokenizer: Tokenizer) -> "Entry":

@@ -58,12 +58,24 @@ def timing_headers(generated: Generated, start: float) -> dict[str, str]:
 
 
 async def read_json(request: web.Request):
+    # Parsed from the bytes, as serde_json does: the Content-Type's charset is not trusted (an
+    # unknown one made `request.json()` raise LookupError), and invalid UTF-8 is a syntax error.
     try:
-        return await request.json(loads=json.loads)
-    except json.JSONDecodeError as error:
+        return json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         error_400 = ValidationError(f"Failed to parse the request body as JSON: {error}", prefix=False)
         error_400.status = 400  # a syntax error, not a wrong shape (axum: 400 vs 422)
         raise error_400 from error
+
+
+async def tokenize_with_offsets(tokenizer, text: str,
+                                add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
+    """(id, start, stop) per token; text the tokenizer cannot take (a lone surrogate from a
+    `\\ud800` escape) is a 422, as it is for generation (router/validation.py)."""
+    try:
+        return await tokenizer.aencode_with_offsets(text, add_special_tokens)
+    except Exception as error:  # the Rust tokenizer's failures surface as assorted exceptions
+        raise ValidationError(f"tokenizer error {error}") from error
 
 
 class TgiRoutes:
@@ -181,7 +193,7 @@ class TgiRoutes:
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = parse_generate_request(await read_json(request), compat=False)
-        tokens = await request.app[STATE].tokenizer.aencode_with_offsets(body.inputs)
+        tokens = await tokenize_with_offsets(request.app[STATE].tokenizer, body.inputs)
         return web.json_response([
             {"id": token_id, "text": body.inputs[start:stop], "start": start, "stop": stop}
             for token_id, start, stop in tokens

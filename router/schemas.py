@@ -108,7 +108,7 @@ def _invalid_type(path: str, value: Any, expected: str) -> _TypeMismatch:
     return _TypeMismatch(path, f"invalid type: {_unexpected(value)}, expected {expected}")
 
 
-_INT_RANGES = {
+INT_RANGES = {
     "u32": (0, 2**32 - 1),
     "u64": (0, 2**64 - 1),
     "usize": (0, 2**64 - 1),
@@ -119,7 +119,7 @@ _INT_RANGES = {
 def _int(path: str, value: Any, kind: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _invalid_type(path, value, kind)
-    low, high = _INT_RANGES[kind]
+    low, high = INT_RANGES[kind]
     if not low <= value <= high:
         raise _TypeMismatch(path, f"invalid value: integer `{value}`, expected {kind}")
     return value

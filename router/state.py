@@ -19,6 +19,7 @@ from router.metrics import Metrics
 from pytgi_proto import generate_pb2 as pb
 from router.queue import Queue
 from router.tokenizer import Tokenizer
+from router.tracing import Tracer, tracer_for
 from router.validation import ValidationLimits, Validator
 
 log = logging.getLogger(__name__)
@@ -104,14 +105,15 @@ class AppState:
             raise ValueError(f"`max_total_tokens` ({limits.max_total_tokens}) exceeds the KV cache capacity "
                              f"({limits.max_batch_total_tokens} tokens); lower it or give the cache more memory")
         log.info("limits: %s", limits)
-        return cls.build(config, client, info, tokenizer, limits)
+        return cls.build(config, client, info, tokenizer, limits, tracer_for(config))
 
     @classmethod
-    def build(cls, config, client, info, tokenizer, limits: Limits) -> "AppState":
+    def build(cls, config, client, info, tokenizer, limits: Limits, tracer: Tracer | None = None) -> "AppState":
         metrics = Metrics(limits.max_input_tokens, limits.max_total_tokens)
         metrics.batch_max_total_tokens.set(limits.max_batch_total_tokens)
         kv = KVManager(limits.num_blocks, limits.block_size, config.prefix_caching and info.use_prefix_caching)
         queue = Queue(kv, info.support_chunking)
+        metrics.watch(kv, queue.__len__)
         batcher = Batcher(client, queue, kv, BatchLimits(
             max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
             max_batch_total_tokens=limits.max_batch_total_tokens, max_batch_size=config.max_batch_size,
@@ -126,8 +128,13 @@ class AppState:
             disable_grammar_support=config.disable_grammar_support or not info.supports_grammar,
         ))
         grammar.set_default(validator.grammar)  # what grammar.constraint_for (OpenAI routes) uses
-        infer = Infer(validator, tokenizer, queue, metrics, config.max_concurrent_requests)
+        infer = Infer(validator, tokenizer, queue, metrics, config.max_concurrent_requests,
+                      request_timeout=config.request_timeout, tracer=tracer)
         return cls(config, client, info, tokenizer, limits, metrics, batcher, infer)
+
+    @property
+    def tracer(self) -> Tracer | None:
+        return self.infer.tracer
 
     def start(self) -> None:
         self.batcher_task = asyncio.create_task(self.batcher.run(), name="batcher")
@@ -137,6 +144,8 @@ class AppState:
             self.batcher_task.cancel()
             await asyncio.gather(self.batcher_task, return_exceptions=True)
         await self.client.close()
+        if self.tracer is not None:
+            await self.tracer.shutdown()
 
     async def check_health(self) -> bool:
         """TGI: the Health RPC while the last step succeeded; a real one-token probe otherwise."""

@@ -170,6 +170,20 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry in characters. Raw entries are never shorter than the
+        text they stand for (byte-level BPE spells one byte per character, WordPiece adds `##`)."""
+        return max(map(len, self._backend.get_vocab(with_added_tokens=True)), default=1)
+
+    def min_num_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)) that costs a string scan instead of a tokenization.
+
+        Each token covers at most `max_token_chars` characters. Only non-whitespace characters
+        are counted (some pre-tokenizers drop whitespace), and the bound is halved for
+        normalizers that shrink text (NFKC composition, accent stripping)."""
+        return sum(map(len, text.split())) // (2 * self.max_token_chars)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 

@@ -111,6 +111,19 @@ class Validator:
         self.limits = limits
         self.grammar = grammar or GrammarValidator(tokenizer, disabled=limits.disable_grammar_support)
 
+    def _refuse_certainly_too_long(self, inputs: str, max_new_tokens: int | None) -> None:
+        """Refuse without tokenizing an input that cannot fit whatever its exact token count:
+        tokenization work per request is then bounded by the model's context, not by
+        --payload-limit. (With `truncate`, any length is valid and the text must be tokenized.)"""
+        limit = self.limits.max_total_tokens
+        at_least = self.tokenizer.min_num_tokens(inputs)
+        if at_least > limit:
+            max_new_tokens = max_new_tokens or 0
+            raise ContextLengthError(
+                f"`inputs` tokens + `max_new_tokens` must be <= {limit}. "
+                f"Given: at least {at_least} `inputs` tokens and {max_new_tokens} `max_new_tokens`",
+                input_length=at_least, max_new_tokens=max_new_tokens, limit=limit, kind="total")
+
     async def validate(self, request: GenerateRequest) -> ValidRequest:
         limits = self.limits
         p: GenerateParameters = request.parameters
@@ -178,6 +191,8 @@ class Validator:
         if request.input_ids is not None:
             ids = list(request.input_ids)  # already tokens (OpenAI completions' token-id prompts)
         else:
+            if truncate is None:
+                self._refuse_certainly_too_long(request.inputs, p.max_new_tokens)
             try:
                 ids = await self.tokenizer.aencode(request.inputs, request.add_special_tokens)
             except Exception as error:  # the Rust tokenizer's failures surface as exceptions

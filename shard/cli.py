@@ -35,7 +35,10 @@ def _common(fn):
 @click.option("--block-size", type=int, default=None, envvar="BLOCK_SIZE", help="Tokens per KV block (default 16; 256 with flash-attn).")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, envvar="QUANTIZE",
               help="Quantize the linear layers' weights at load (CPU only).")
-def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_path, sharded, dtype, block_size, quantize):
+@click.option("--tcp-address", default=None, envvar="SHARD_TCP_ADDRESS", metavar="HOST:PORT",
+              help="Multi-node: also serve on TCP at HOST, port PORT + LOCAL_RANK, and advertise it to the router.")
+def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_path, sharded, dtype, block_size,
+          quantize, tcp_address):
     """Load MODEL_ID (default: the bundled SmolLM2-135M-Instruct) and serve it over gRPC."""
     from shard.config import build_config
     from shard.log import setup_logging
@@ -44,14 +47,14 @@ def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_
         config = build_config(
             model_id, revision=revision, uds_path=uds_path, sharded=sharded, dtype=dtype,
             trust_remote_code=trust_remote_code, json_output=json_output, log_level=logger_level,
-            block_size=block_size, quantize=quantize,
+            block_size=block_size, quantize=quantize, tcp_address=tcp_address,
         )
     except ValueError as error:
         sys.exit(f"error: {error}")
     setup_logging(config.log_level, config.json_output, config.rank)
     from shard.server import serve as serve_grpc
 
-    asyncio.run(serve_grpc(lambda: _load(config), config.uds_path, config.rank, config.world_size))
+    asyncio.run(serve_grpc(lambda: _load(config), config))
 
 
 def _load(config):

@@ -1,7 +1,7 @@
 """ShardConfig: the one frozen configuration of a shard process, built at the CLI edge.
 
-This is the only module of the shard that reads environment variables (RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT set by the launcher, and the HF cache variables).
+This is the only module of the shard that reads environment variables (RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by the launcher, and the HF cache variables).
 """
 
 from __future__ import annotations
@@ -39,6 +39,15 @@ class ShardConfig:
     json_output: bool
     log_level: str
     quantize: str | None = None
+    local_rank: int = 0  # rank within this node (multi-node: rank - node_rank * shards per node)
+    # Multi-node: also serve gRPC on TCP at this host, port tcp_base_port + local_rank, and
+    # advertise that address in ServiceDiscovery (the router on node 0 reaches remote ranks).
+    tcp_host: str | None = None
+    tcp_base_port: int | None = None
+
+    @property
+    def tcp_address(self) -> str | None:
+        return None if self.tcp_host is None else f"{self.tcp_host}:{self.tcp_base_port + self.local_rank}"
 
     @property
     def socket_path(self) -> str:
@@ -66,10 +75,13 @@ def build_config(
     num_threads: int | None = None,
     device: str | None = None,
     quantize: str | None = None,
+    tcp_address: str | None = None,
 ) -> ShardConfig:
     env = os.environ
     rank = int(env.get("RANK", "0"))
     world_size = int(env.get("WORLD_SIZE", "1"))
+    local_rank = int(env.get("LOCAL_RANK", str(rank)))
+    tcp_host, tcp_base_port = _parse_tcp_address(tcp_address)
     if sharded and world_size < 2:
         raise ValueError("--sharded needs WORLD_SIZE >= 2 (set by text-generation-launcher --num-shard N)")
     if not sharded and world_size > 1:
@@ -114,4 +126,16 @@ def build_config(
         json_output=json_output,
         log_level=log_level,
         quantize=quantize,
+        local_rank=local_rank,
+        tcp_host=tcp_host,
+        tcp_base_port=tcp_base_port,
     )
+
+
+def _parse_tcp_address(address: str | None) -> tuple[str | None, int | None]:
+    if not address:
+        return None, None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--tcp-address must be HOST:PORT (got {address!r})")
+    return host, int(port)

@@ -43,6 +43,14 @@ class TPGroup:
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
+    def all_gather_object(self, value: object) -> list[object]:
+        """Every rank's `value`, in rank order (pickled over the group; for start-up metadata)."""
+        if self.world_size == 1:
+            return [value]
+        gathered: list[object] = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self.group)
+        return gathered
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.group)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from shard.config import ShardConfig
 from shard.engine import Engine
 from pytgi_proto import generate_pb2 as pb
 from pytgi_proto import generate_pb2_grpc
@@ -87,23 +88,31 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
         return pb.HealthResponse()
 
 
-async def serve(load_engine: Callable[[], Engine], uds_path: str, rank: int, world_size: int) -> None:
+async def serve(load_engine: Callable[[], Engine], config: ShardConfig) -> None:
+    rank, world_size = config.rank, config.world_size
+    loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-    engine = await asyncio.get_running_loop().run_in_executor(executor, load_engine)
-    socket_path = f"{uds_path}-{rank}"
+    engine = await loop.run_in_executor(executor, load_engine)
+    socket_path = config.socket_path
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # a stale socket of a crashed run would make bind fail
+    # What the router should dial for this rank: the Unix socket on one node; the TCP address
+    # when ranks span nodes. Every rank announces its own, gathered over the group (a
+    # collective: all ranks reach this line), so rank 0 answers ServiceDiscovery for all.
+    own_url = config.tcp_address or f"unix://{socket_path}"
+    urls = [str(u) for u in await loop.run_in_executor(executor, engine.tp.all_gather_object, own_url)]
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", 2**31 - 1),
         ("grpc.max_send_message_length", 2**31 - 1),
     ])
-    urls = [f"unix://{uds_path}-{r}" for r in range(world_size)]
     generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(engine, urls, executor), server)
     server.add_insecure_port(f"unix://{socket_path}")
+    if config.tcp_address and server.add_insecure_port(config.tcp_address) == 0:
+        raise SystemExit(f"error: cannot listen on {config.tcp_address}")
     await server.start()
-    log.info("shard %d/%d serving on unix://%s", rank, world_size, socket_path)
+    log.info("shard %d/%d serving on unix://%s%s", rank, world_size, socket_path,
+             f" and {config.tcp_address}" if config.tcp_address else "")
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()

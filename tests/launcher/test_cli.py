@@ -43,7 +43,7 @@ def test_defaults(launched):
     assert args.model_id is None and args.port == 3000 and args.hostname == "0.0.0.0"
     assert args.max_concurrent_requests == 128 and args.max_best_of == 2 and args.max_stop_sequences == 4
     assert args.max_top_n_tokens == 5 and args.max_client_batch_size == 4 and args.payload_limit == 2_000_000
-    assert args.graceful_termination_timeout == 90 and args.shard_uds_path == "/tmp/text-generation-server"
+    assert args.graceful_termination_timeout == 90 and args.shard_uds_path is None  # a private dir
     assert args.master_addr == "localhost" and args.master_port == 29500 and args.validation_workers == 2
     assert args.explicit == frozenset()
 
@@ -138,12 +138,17 @@ def test_shard_count_from_visible_gpus(launched):
     (["--max-input-tokens", "100", "--max-batch-prefill-tokens", "50"], "must be >= `max_input_tokens`"),
     (["--max-batch-prefill-tokens", "100", "--max-batch-total-tokens", "50"],
      "must be <= `max_batch_total_tokens`"),
+    (["--nnodes", "2"], "--nnodes > 1 needs --shard-tcp-address HOST:PORT"),
+    (["--nnodes", "2", "--node-rank", "2"], "--node-rank must be in [0, --nnodes) (got 2 of 2)"),
     (["--quantize", "awq"], "--quantize awq is not supported; pytgi implements int8 and int4"),
     (["--quantize", "nonsense"], "Invalid value for '--quantize'"),
     (["--dtype", "float64"], "Invalid value for '--dtype'"),
     (["--port", "70000"], "--port 70000 is not a valid TCP port"),
     (["--max-batch-size", "0"], "`max_batch_size` must be > 0"),
     (["--shard-uds-path", "/tmp/" + "x" * 120], "--shard-uds-path is too long"),
+    (["--shard-uds-path", ""], "--shard-uds-path must not be empty"),
+    (["--request-timeout", "0"], "`request_timeout` must be > 0"),
+    (["--client-body-timeout", "-1"], "`client_body_timeout` must be > 0"),
     (["--port", "abc"], "'abc' is not a valid integer"),
     (["--no-such-flag"], "No such option"),
 ])

@@ -19,6 +19,13 @@ def test_shard_argv_single_and_sharded():
         "--quantize", "int8"]
 
 
+def test_multinode_shards_get_global_ranks_local_ranks_and_tcp():
+    args = LauncherArgs(shard_uds_path="/tmp/p", nnodes=2, node_rank=1, shard_tcp_address="10.0.0.2:29600")
+    assert commands.build_shard_argv(args, 3, 4)[-2:] == ["--tcp-address", "10.0.0.2:29600"]
+    env = commands.shard_env(args, 3, 4, {})
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("3", "1", "4")
+
+
 def test_download_argv():
     assert commands.build_download_argv(LauncherArgs(model_id="org/m", revision="main")) == [
         "text-generation-server", "download-weights", "org/m", "--revision", "main", "--logger-level", "INFO"]
@@ -53,8 +60,10 @@ def test_router_argv_with_every_option_set():
         otlp_endpoint="http://otel:4317", otlp_service_name="svc", payload_limit=1000,
         max_client_batch_size=2,
         disable_grammar_support=True, tokenizer_config_path="/t.json", disable_prefix_caching=True,
+        api_key_file="/keys", request_timeout=30.0, graceful_termination_timeout=20, client_header_timeout=5.0,
+        client_body_timeout=10.0,
         # not router options: never passed
-        dtype="float16", num_shard=2, watermark_delta=1.0,
+        dtype="float16", num_shard=2, watermark_delta=1.0, shard_uds_path="/tmp/text-generation-server",
     )
     args = LauncherArgs(**values, explicit=frozenset(values))
     argv = commands.build_router_argv(args)
@@ -69,12 +78,14 @@ def test_router_argv_with_every_option_set():
         "--cors-allow-origin", "https://a", "--cors-allow-origin", "https://b", "--json-output",
         "--otlp-endpoint", "http://otel:4317", "--otlp-service-name", "svc", "--payload-limit", "1000",
         "--max-client-batch-size", "2", "--disable-grammar-support", "--tokenizer-config-path", "/t.json",
-        "--disable-prefix-caching",
+        "--disable-prefix-caching", "--api-key-file", "/keys", "--request-timeout", "30.0",
+        "--graceful-termination-timeout", "20", "--client-header-timeout", "5.0", "--client-body-timeout", "10.0",
     ]
 
 
 def test_router_argv_false_flags_are_omitted():
-    args = LauncherArgs(json_output=False, explicit=frozenset({"json_output", "disable_grammar_support"}))
+    args = LauncherArgs(shard_uds_path="/tmp/p", json_output=False,
+                        explicit=frozenset({"json_output", "disable_grammar_support"}))
     assert "--json-output" not in commands.build_router_argv(args)
 
 

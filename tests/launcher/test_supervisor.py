@@ -249,3 +249,23 @@ def test_launcher_exception_still_stops_started_children(harness):
         harness.run(supervisor)
     assert len(supervisor.shards) == 1
     assert not alive(supervisor.shards[0].pid)
+
+
+def test_default_sockets_live_in_a_private_dir_removed_at_exit(harness):
+    supervisor = harness.supervisor(num_shard=2, args=harness.args(shard_uds_path=None))
+    seen = {}
+
+    def inspect_then_stop():
+        prefix = supervisor.args.shard_uds_path
+        folder = os.path.dirname(prefix)
+        info = os.stat(folder)
+        seen.update(folder=folder, mode=info.st_mode & 0o777, owner=info.st_uid,
+                    sockets=sorted(os.listdir(folder)))
+        sigterm_self()
+
+    run = harness.run(supervisor, when="ready:", action=inspect_then_stop)
+    assert run.code == 0, run.output
+    assert seen["mode"] == 0o700 and seen["owner"] == os.getuid()
+    assert seen["sockets"] == ["shard-0", "shard-1"]
+    assert not os.path.exists(seen["folder"])
+    harness.assert_no_orphans()

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from pytgi_proto import generate_pb2 as pb
+from router.batcher import Batcher, BatchLimits
 from router.client import ShardError
+from router.infer import Infer
+from router.kv import KVManager
+from router.metrics import Metrics
+from router.queue import Queue
 from router.validation import ValidParameters, ValidRequest
 
 
@@ -59,3 +65,45 @@ class EngineClient:
 
     async def health(self):
         await self._call("health", self.engine.health)
+
+
+@dataclass
+class Serving:
+    """The router's serving objects (queue, KV, batcher, Infer) over an in-process engine."""
+
+    client: EngineClient
+    kv: KVManager
+    queue: Queue
+    batcher: Batcher
+    metrics: Metrics
+    infer: Infer
+
+    def sample(self, name: str, **labels) -> float:
+        """A sample of the registry as Prometheus would scrape it (0 when never recorded)."""
+        return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+    async def collect(self, valid: ValidRequest) -> list:
+        return [event async for event in self.infer.stream(valid)]
+
+    async def idle(self) -> None:
+        """Until the batcher has nothing left to run (it drops cancelled entries on its next step)."""
+        for _ in range(1000):
+            await asyncio.sleep(0)
+            if not self.batcher.running and not len(self.queue) and self.batcher.cached is None:
+                return
+        raise AssertionError("the batcher did not go idle")
+
+
+def serving(engine, tokenizer, *, block_size: int = 4, num_tokens: int = 2048, support_chunking: bool = True,
+            max_batch_prefill_tokens: int = 16, max_waiting_tokens: int = 20, tracer=None) -> Serving:
+    client = EngineClient(engine)
+    kv = KVManager(num_tokens // block_size + 1, block_size, prefix_caching=True)
+    queue = Queue(kv, support_chunking=support_chunking)
+    metrics = Metrics(512, 512)
+    metrics.watch(kv, queue.__len__)
+    limits = BatchLimits(max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_total_tokens=num_tokens,
+                         max_batch_size=None, waiting_served_ratio=0.3, max_waiting_tokens=max_waiting_tokens,
+                         support_chunking=support_chunking)
+    batcher = Batcher(client, queue, kv, limits, metrics)
+    infer = Infer(None, tokenizer, queue, metrics, max_concurrent_requests=64, tracer=tracer)
+    return Serving(client, kv, queue, batcher, metrics, infer)

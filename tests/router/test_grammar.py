@@ -120,6 +120,8 @@ def test_validator_passes_a_valid_grammar_on(router_tokenizer, grammars):
     ({"type": "regex", "value": "(ab"}, "parenthesis"),
     ({"type": "json", "value": {"type": "string", "maxLength": 10**7}}, "`maxLength` is 10000000; the limit is"),
     ({"type": "regex", "value": "a{1,1000000}"}, "the regex repeats 1000000 times"),
+    # Found by integration-tests/test_fuzz.py: xgrammar compiles "", the shards refuse it (424).
+    ({"type": "regex", "value": ""}, "the grammar is empty"),
     ({"type": "json", "value": {"properties": {"p": {"type": "string", "pattern": "x{99999999}"}}}}, "repeats"),
 ])
 def test_invalid_grammars_are_422(router_tokenizer, grammars, grammar, message):

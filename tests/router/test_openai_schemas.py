@@ -96,6 +96,9 @@ CHAT_RULES = [
     ({"max_completion_tokens": -1}, "max_completion_tokens", ">= 1"),
     ({"max_tokens": "5"}, "max_tokens", "expected an integer, but got a string instead."),
     ({"max_tokens": 2.5}, "max_tokens", "expected an integer"),
+    # A bad max_tokens beside max_completion_tokens used to be ignored (a schema-invalid body accepted).
+    ({"max_completion_tokens": 5, "max_tokens": "5"}, "max_tokens", "expected an integer"),
+    ({"max_completion_tokens": 5, "max_tokens": 0}, "max_tokens", ">= 1"),
     ({"temperature": 2.5}, "temperature", "expected a number in [0, 2], but got 2.5 instead."),
     ({"temperature": -0.1}, "temperature", "in [0, 2]"),
     ({"temperature": True}, "temperature", "expected a number, but got a boolean instead."),

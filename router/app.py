@@ -62,14 +62,9 @@ def error_middleware():
         try:
             return await handler(request)
         except RouterError as error:
-            if is_openai(request):
-                return openai_error(error)
-            return web.json_response(error.to_tgi(), status=error.status)
+            return error_response(request, error)
         except web.HTTPRequestEntityTooLarge as error:
-            too_large = PayloadTooLargeError(error.text or "payload too large")
-            if is_openai(request):
-                return openai_error(too_large)
-            return web.json_response(too_large.to_tgi(), status=too_large.status)
+            return error_response(request, PayloadTooLargeError(error.text or "payload too large"))
         except web.HTTPException as error:
             if error.status < 400:
                 raise

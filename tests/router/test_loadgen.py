@@ -90,6 +90,20 @@ def test_loadgen_measures_fake_server(api):
     assert s.e2e_ms.p50 >= s.ttft_ms.p50
     assert s.output_tok_s > 0 and s.req_s > 0
     json.dumps(s.to_dict(), allow_nan=False)
+    assert len(s.per_request) == 8 and all(row[3] == N_TOKENS for row in s.per_request)
+    if api == "openai":  # usage carries the prompt length; TGI's stream does not
+        assert s.prompt_tokens_mean == 3 and all(row[2] == 3 for row in s.per_request)
+    else:
+        assert s.prompt_tokens_mean is None
+
+
+def test_prefill_and_shared_prefix_prompt_sets():
+    prefill = loadgen.prompts_for("prefill")
+    # Distinct from the first word: no prompt cache can answer a prefill measurement.
+    assert len(prefill) == 64 and len({p.split(".")[0] for p in prefill}) == 64
+    shared = loadgen.prompts_for("shared-prefix")
+    context = shared[0].split("\n\nQuestion:")[0]
+    assert len(context) > 4000 and all(p.startswith(context) for p in shared) and len(set(shared)) == len(shared)
 
 
 def test_loadgen_counts_errors_and_exits_2(tmp_path):

@@ -17,13 +17,15 @@ TOKEN_DELAY = 0.01
 
 class FakeServer:
     """Streams TOKENS events per request; counts what finished and what the client abandoned, and
-    serves those counts plus the KV figures it is told to report on /metrics."""
+    serves those counts plus the KV figures it is told to report on /metrics. Handlers still running
+    show as the batch size, as the router's running requests do, so the soak's idle wait covers a
+    hang-up the server has not noticed yet."""
 
     def __init__(self, held_by_requests: int | None = 0, kv_used: int = 7, prefix_cache_blocks: int = 7,
                  fail_generate: bool = False, stream_error: bool = False, busy: bool = False):
         self.held, self.kv_used, self.cached = held_by_requests, kv_used, prefix_cache_blocks
         self.fail_generate, self.stream_error, self.busy = fail_generate, stream_error, busy
-        self.success = self.dropped = 0
+        self.success = self.dropped = self.inflight = 0
         self.kinds: list[str] = []
 
     def app(self) -> web.Application:
@@ -35,11 +37,14 @@ class FakeServer:
         return app
 
     async def _counted(self, work):
+        self.inflight += 1
         try:
             result = await work()
-        except (asyncio.CancelledError, ConnectionResetError):
+        except BaseException:  # cancelled, reset, or a write to a closing transport: the client left
             self.dropped += 1
             raise
+        finally:
+            self.inflight -= 1
         self.success += 1
         return result
 
@@ -99,7 +104,7 @@ class FakeServer:
 
     async def metrics(self, request: web.Request) -> web.Response:
         lines = [
-            "# TYPE tgi_batch_current_size gauge", f"tgi_batch_current_size {1 if self.busy else 0}",
+            "# TYPE tgi_batch_current_size gauge", f"tgi_batch_current_size {1 if self.busy else self.inflight}",
             "# TYPE tgi_queue_size gauge", "tgi_queue_size 0",
             "# TYPE pytgi_kv_blocks_used gauge", f"pytgi_kv_blocks_used {self.kv_used}",
             "# TYPE pytgi_prefix_cache_blocks gauge", f"pytgi_prefix_cache_blocks {self.cached}",
@@ -123,7 +128,6 @@ def run(server: FakeServer, *args: str) -> tuple[int, dict]:
         try:
             code = await soak.amain(["--url", f"http://127.0.0.1:{port}", "--max-tokens", str(TOKENS),
                                      "--idle-timeout", "1", "--json", *args], out=out)
-            await asyncio.sleep(0.1)  # let the server's handlers see the last hang-ups
         finally:
             await runner.cleanup()
         return code, json.loads(out.getvalue())
@@ -142,9 +146,13 @@ def test_a_clean_soak_counts_every_outcome_and_passes():
     assert set(report["by_kind"]) == set(soak.KINDS) == set(server.kinds)
     assert all(counts.get("cancelled") for counts in report["by_kind"].values())
     # Every hang-up reached the server as a disconnect, and the server's counters were read as deltas.
-    # (A plain request abandoned within a few ms of its answer may finish server-side first.)
+    # Slack of 3 for races the client cannot see: a plain request abandoned within a few ms of its
+    # answer may finish server-side first, and one abandoned before its body was read never reaches
+    # a handler.
+    assert report["server_success"] == server.success
+    assert report["completed"] <= server.success <= report["completed"] + 3
     assert report["cancelled"] - 3 <= server.dropped <= report["cancelled"]
-    assert report["server_success"] == server.success == 80 - server.dropped
+    assert 80 - 3 <= server.success + server.dropped <= 80
     assert report["leaked_kv_blocks"] == 0 and report["idle"]
 
 

@@ -28,6 +28,10 @@ ENV PYTHONUNBUFFERED=1 \
     PORT=80 \
     HOSTNAME=0.0.0.0
 WORKDIR /opt/pytgi
+# g++ compiles the CPU paged-attention kernel for the serving machine's CPU at the first start
+# (shard/cpu_kernels.py; cached under /data/pytgi/kernels). Without it the shard falls back to SDPA.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 # The CPU wheel index keeps the image free of CUDA libraries.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml README.md ./

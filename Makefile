@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit bench proto clean
+.PHONY: install kernels run test test-unit bench proto clean
 
 install: $(STAMP)
 
@@ -24,13 +24,19 @@ $(STAMP): pyproject.toml proto/generate.proto proto/build.py
 proto: install
 	$(PY) proto/build.py
 
-run: install
+# The CPU attention kernel is compiled once per machine (~25 s, then cached; shard/cpu_kernels.py).
+# Built up front so the first shard start, or a test's, does not pay for it; without a compiler
+# the shards fall back to torch SDPA, so a failure here does not stop the target.
+kernels: install
+	$(PY) -m shard.cpu_kernels || echo "CPU kernel not built: shards will use torch SDPA"
+
+run: install kernels
 	$(VENV)/bin/text-generation-launcher
 
-test: install
+test: install kernels
 	$(PY) -m pytest -q
 
-test-unit: install
+test-unit: install kernels
 	$(PY) -m pytest -q tests
 
 bench: install

@@ -8,16 +8,24 @@ backends:
   the correctness oracle in tests. Decode rows (one query token) are batched into one SDPA call
   over a padded gather; prefill rows run one call each (padding a 512-token prompt next to 31
   decode rows would waste 31x the attention FLOPs).
+* `PagedCpuBackend`: SDPA for prefill rows, and for decode rows the compiled kernel of
+  shard/cpu_kernels.py, which reads K/V in place through block tables (no gather, no padding).
 * `FlashAttnBackend` (CUDA, lazy import): flash-attn's varlen kernel reading the paged cache
   through block tables directly.
+
+Each backend names the metadata `layout` it reads, and `build_metadata` builds only that.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from shard.cpu_kernels import PagedDecode
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +46,9 @@ class AttentionMetadata:
     decode_kv_slots: torch.Tensor | None  # [B_dec, max_kv] int64, padded with slot 0
     decode_kv_mask: torch.Tensor | None  # [B_dec, 1, 1, max_kv] bool, True = attend
     prefills: tuple[PrefillSeq, ...]
+    # "paged" layout: decode rows read the cache through these instead of the padded slots above.
+    decode_block_tables: torch.Tensor | None = None  # [B_dec, max_blocks] int32, padded with block 0
+    decode_kv_lens: torch.Tensor | None = None  # [B_dec] int32
     # Flash-attn inputs (built only for that backend).
     cu_seqlens_q: torch.Tensor | None = None
     seqlens_k: torch.Tensor | None = None
@@ -46,11 +57,20 @@ class AttentionMetadata:
     max_seqlen_k: int = 0
 
 
+    @property
+    def has_decode_rows(self) -> bool:
+        return self.decode_kv_slots is not None or self.decode_block_tables is not None
+
+
 class SdpaBackend:
     name = "sdpa"
+    layout = "padded"
 
     def __init__(self, scale: float | None = None):
         self.scale = scale
+
+    def with_scale(self, scale: float) -> "SdpaBackend":
+        return SdpaBackend(scale)
 
     def forward(
         self,
@@ -69,9 +89,9 @@ class SdpaBackend:
             out[seq.token_start : seq.token_end] = self._prefill(
                 q[seq.token_start : seq.token_end], k_cache, v_cache, seq.kv_slots
             )
-        if meta.decode_kv_slots is not None:
+        if meta.has_decode_rows:
             rows = q if meta.decode_tokens is None else q.index_select(0, meta.decode_tokens)
-            result = self._decode(rows, k_cache, v_cache, meta.decode_kv_slots, meta.decode_kv_mask)
+            result = self._decode(rows, cache, meta)
             if meta.decode_tokens is None:
                 out = result
             else:
@@ -98,15 +118,37 @@ class SdpaBackend:
         )
         return out[0].transpose(0, 1)
 
-    def _decode(self, q, k_cache, v_cache, kv_slots, kv_mask) -> torch.Tensor:
-        batch, max_kv = kv_slots.shape
-        flat = kv_slots.reshape(-1)
+    def _decode(self, q, cache, meta: AttentionMetadata) -> torch.Tensor:
+        k_cache, v_cache = (c.view(-1, c.shape[-2], c.shape[-1]) for c in cache)
+        batch, max_kv = meta.decode_kv_slots.shape
+        flat = meta.decode_kv_slots.reshape(-1)
         keys = k_cache.index_select(0, flat).view(batch, max_kv, *k_cache.shape[1:]).transpose(1, 2)
         values = v_cache.index_select(0, flat).view(batch, max_kv, *v_cache.shape[1:]).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=kv_mask, scale=self.scale, enable_gqa=True
+            q.unsqueeze(2), keys, values, attn_mask=meta.decode_kv_mask, scale=self.scale, enable_gqa=True
         )
         return out.squeeze(2)
+
+
+class PagedCpuBackend(SdpaBackend):
+    """Decode rows through the compiled paged kernel; prefill rows (compute-bound, where the
+    gather is a small part) and explicit-slot probes stay on SDPA."""
+
+    name = "cpu-paged"
+    layout = "paged"
+
+    def __init__(self, scale: float | None, kernel: PagedDecode):
+        super().__init__(scale)
+        self.kernel = kernel
+
+    def with_scale(self, scale: float) -> "PagedCpuBackend":
+        return PagedCpuBackend(scale, self.kernel)
+
+    def _decode(self, q, cache, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.decode_block_tables is None:
+            return super()._decode(q, cache, meta)
+        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        return self.kernel(q, cache[0], cache[1], meta.decode_block_tables, meta.decode_kv_lens, scale)
 
 
 class FlashAttnBackend:
@@ -117,6 +159,7 @@ class FlashAttnBackend:
     """
 
     name = "flash-attn"
+    layout = "flash"
     block_size = 256
 
     def __init__(self, scale: float | None = None):
@@ -124,6 +167,9 @@ class FlashAttnBackend:
 
         self._varlen = flash_attn_varlen_func
         self.scale = scale
+
+    def with_scale(self, scale: float) -> "FlashAttnBackend":
+        return FlashAttnBackend(scale)
 
     def forward(self, q, k, v, cache, meta: AttentionMetadata) -> torch.Tensor:
         k_cache, v_cache = cache
@@ -138,12 +184,20 @@ class FlashAttnBackend:
         )
 
 
-def select_backend(device: torch.device, scale: float | None) -> SdpaBackend | FlashAttnBackend:
-    if device.type == "cuda":
+Backend = SdpaBackend | PagedCpuBackend | FlashAttnBackend
+
+
+def select_backend(device: torch.device, scale: float | None, attention: str = "paged",
+                   cpu_kernel: PagedDecode | None = None) -> Backend:
+    """attention "paged": flash-attn on CUDA when installed, the compiled kernel on CPU when it
+    built; "sdpa" (or neither available): torch SDPA."""
+    if attention == "paged" and device.type == "cuda":
         try:
             return FlashAttnBackend(scale)
         except ImportError:
             pass
+    if attention == "paged" and device.type == "cpu" and cpu_kernel is not None:
+        return PagedCpuBackend(scale, cpu_kernel)
     return SdpaBackend(scale)
 
 
@@ -164,8 +218,11 @@ def _slots_for(seq: SeqStep, start: int, stop: int, block_size: int) -> list[int
 
 
 def build_metadata(
-    seqs: list[SeqStep], block_size: int, device: torch.device, flash: bool = False
+    seqs: list[SeqStep], block_size: int, device: torch.device, layout: str = "padded"
 ) -> AttentionMetadata:
+    """The step's attention inputs in the backend's `layout`: "padded" (SDPA), "paged" (block
+    tables for decode rows) or "flash" (varlen + block tables for every row)."""
+    flash = layout == "flash"
     slot_mapping: list[int] = []
     prefills: list[PrefillSeq] = []
     decode_rows: list[int] = []
@@ -186,6 +243,18 @@ def build_metadata(
     if not decode_rows:
         return AttentionMetadata(decode_tokens=None, decode_kv_slots=None, decode_kv_mask=None, **meta)
     decode = [seqs[i] for i in decode_rows]
+    if len(decode_rows) == len(seqs):
+        decode_tokens = None
+    else:
+        starts = [0]
+        for seq in seqs:
+            starts.append(starts[-1] + seq.q_len)
+        decode_tokens = torch.tensor([starts[i] for i in decode_rows], dtype=torch.long, device=device)
+    if layout == "paged" and all(s.slots is None for s in decode):
+        return AttentionMetadata(
+            decode_tokens=decode_tokens, decode_kv_slots=None, decode_kv_mask=None, **meta,
+            **_paged_decode_inputs(decode, block_size, device),
+        )
     max_kv = max(s.kv_len for s in decode)
     if all(s.slots is None for s in decode):
         max_blocks = -(-max_kv // block_size)
@@ -196,15 +265,18 @@ def build_metadata(
         kv_slots = torch.tensor([_slots_for(s, 0, s.kv_len, block_size) + [0] * (max_kv - s.kv_len) for s in decode])
     kv_lens = torch.tensor([s.kv_len for s in decode])
     mask = (torch.arange(max_kv)[None, :] < kv_lens[:, None]).view(len(decode), 1, 1, max_kv)
-    if len(decode_rows) == len(seqs):
-        decode_tokens = None
-    else:
-        starts = [0]
-        for seq in seqs:
-            starts.append(starts[-1] + seq.q_len)
-        decode_tokens = torch.tensor([starts[i] for i in decode_rows], dtype=torch.long, device=device)
     return AttentionMetadata(
         decode_tokens=decode_tokens, decode_kv_slots=kv_slots.to(device), decode_kv_mask=mask.to(device), **meta
+    )
+
+
+def _paged_decode_inputs(decode: list[SeqStep], block_size: int, device: torch.device) -> dict:
+    used = [-(-s.kv_len // block_size) for s in decode]
+    width = max(used)
+    tables = [s.blocks[:n] + [0] * (width - n) for s, n in zip(decode, used)]
+    return dict(
+        decode_block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        decode_kv_lens=torch.tensor([s.kv_len for s in decode], dtype=torch.int32, device=device),
     )
 
 

@@ -173,7 +173,7 @@ class Batch:
             current_tokens=sum(r.step_len for r in self.requests),
         )
 
-    def prepare(self, block_size: int, device: torch.device, flash: bool) -> StepInputs:
+    def prepare(self, block_size: int, device: torch.device, layout: str = "padded") -> StepInputs:
         tokens: list[int] = []
         positions: list[int] = []
         seqs: list[SeqStep] = []
@@ -201,7 +201,7 @@ class Batch:
         return StepInputs(
             input_ids=torch.tensor(tokens, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
-            meta=build_metadata(seqs, block_size, device, flash),
+            meta=build_metadata(seqs, block_size, device, layout),
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
             sample_rows=sample_rows,
             sample_logits=sample_logits,

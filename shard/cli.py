@@ -75,7 +75,13 @@ def _load(config):
             trust_remote_code=config.trust_remote_code, progress=log.info,
         )
         tp = init_tp_group(config)
-        ctx = ModelContext(tp, config.device, config.dtype, config.block_size, config.trust_remote_code, config.quantize)
+        cpu_kernel = None
+        if config.device.type == "cpu" and config.attention == "paged":
+            from shard.cpu_kernels import load_paged_decode
+
+            cpu_kernel = load_paged_decode(config.cache_dir)
+        ctx = ModelContext(tp, config.device, config.dtype, config.block_size, config.trust_remote_code, config.quantize,
+                           config.attention, cpu_kernel)
         model = get_model(source.path, ctx)
     except (ModelSourceError, UnsupportedModelError, FileNotFoundError, KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

@@ -39,6 +39,10 @@ class ShardConfig:
     json_output: bool
     log_level: str
     quantize: str | None = None
+    # "paged": decode attention reads the paged cache in place (the compiled CPU kernel, or
+    # flash-attn on CUDA when installed); "sdpa": torch SDPA over gathered K/V everywhere (the
+    # oracle). Env ATTENTION, TGI's name for the same choice.
+    attention: str = "paged"
     local_rank: int = 0  # rank within this node (multi-node: rank - node_rank * shards per node)
     # Multi-node: also serve gRPC on TCP at this host, port tcp_base_port + local_rank, and
     # advertise that address in ServiceDiscovery (the router on node 0 reaches remote ranks).
@@ -52,6 +56,16 @@ class ShardConfig:
     @property
     def socket_path(self) -> str:
         return f"{self.uds_path}-{self.rank}"
+
+
+ATTENTION_CHOICES = ("paged", "sdpa")
+
+
+def default_cache_dir() -> Path:
+    """pytgi's cache (GGUF conversions, compiled kernels): $PYTGI_CACHE, else $HF_HOME/pytgi."""
+    env = os.environ
+    hf_home = Path(env.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    return Path(env.get("PYTGI_CACHE", hf_home / "pytgi"))
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -99,8 +113,9 @@ def build_config(
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unsupported --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     hub_cache = env.get("HUGGINGFACE_HUB_CACHE") or env.get("HF_HUB_CACHE")
-    hf_home = Path(env.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    cache_dir = Path(env.get("PYTGI_CACHE", hf_home / "pytgi"))
+    attention = env.get("ATTENTION", "paged").lower()
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"unsupported ATTENTION={attention!r}; choose one of {', '.join(ATTENTION_CHOICES)}")
     offline = env.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
     if num_threads is None:
         num_threads = int(env.get("PYTGI_NUM_THREADS", "0")) or max(1, (os.cpu_count() or 1) // world_size)
@@ -118,7 +133,7 @@ def build_config(
         memory_fraction=memory_fraction if memory_fraction is not None else float(
             env.get("CUDA_MEMORY_FRACTION" if dev.type == "cuda" else "PYTGI_KV_MEMORY_FRACTION",
                     "0.9" if dev.type == "cuda" else "0.1")),
-        cache_dir=cache_dir,
+        cache_dir=default_cache_dir(),
         hub_cache_dir=Path(hub_cache) if hub_cache else None,
         offline=offline,
         trust_remote_code=trust_remote_code,
@@ -126,6 +141,7 @@ def build_config(
         json_output=json_output,
         log_level=log_level,
         quantize=quantize,
+        attention=attention,
         local_rank=local_rank,
         tcp_host=tcp_host,
         tcp_base_port=tcp_base_port,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from shard.attention import FlashAttnBackend
 from shard.batch import Batch
 from shard.config import ShardConfig
 from shard.distributed import TPGroup
@@ -33,7 +32,6 @@ class Engine:
         self.info = model.info
         self.block_size = model.info.kv_spec.block_size
         self.eos_ids = frozenset(model.info.eos_token_ids)
-        self.flash = isinstance(model.backend, FlashAttnBackend)
         self.kv_cache: KVCache | None = None
         self.batches: dict[int, Batch] = {}
         # Constrained decoding; the tokenizer is loaded on the first request with a grammar.
@@ -162,7 +160,7 @@ class Engine:
     def _step(self, batch: Batch, start_ns: int, concat_ns: int | None, response_type):
         if self.kv_cache is None:
             raise RuntimeError("the KV cache is not allocated: call Warmup first")
-        inputs = batch.prepare(self.block_size, self.config.device, self.flash)
+        inputs = batch.prepare(self.block_size, self.config.device, self.model.backend.layout)
         logits = self.model.forward(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, inputs.logits_index)
         forward_end = time.perf_counter_ns()
         batch.record_prompt_logprobs(inputs, logits)

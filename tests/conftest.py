@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from shard.config import ShardConfig
+from shard.config import ShardConfig, default_cache_dir
 from shard.distributed import TPGroup
 from shard.engine import Engine
 from shard.models import get_model
@@ -60,12 +61,18 @@ def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
-def default_cache_dir() -> Path:
-    """Where shards cache converted models (ShardConfig's default), shared across test runs."""
-    import os
+@pytest.fixture(scope="session")
+def paged_kernel():
+    """The compiled CPU paged-attention kernel (built once into the shared cache, as shards do).
+    Where a C++ compiler exists (CI) a failed build is a failure, not a skip."""
+    from shard.cpu_kernels import load_paged_decode
 
-    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return Path(os.environ.get("PYTGI_CACHE", hf_home / "pytgi"))
+    kernel = load_paged_decode(default_cache_dir())
+    if kernel is None:
+        if shutil.which("c++") or shutil.which("g++"):
+            pytest.fail("the CPU paged-attention kernel did not build (see the warning above)")
+        pytest.skip("no C++ compiler on this machine")
+    return kernel
 
 
 def make_config(model_id: str | None = None, block_size: int = 4) -> ShardConfig:
@@ -77,9 +84,12 @@ def make_config(model_id: str | None = None, block_size: int = 4) -> ShardConfig
     )
 
 
-def make_engine(folder: Path, block_size: int = 4, num_blocks_tokens: int = 4096, quantize: str | None = None) -> Engine:
+def make_engine(folder: Path, block_size: int = 4, num_blocks_tokens: int = 4096, quantize: str | None = None,
+                cpu_kernel=None) -> Engine:
+    """An in-process engine; `cpu_kernel` (the `paged_kernel` fixture) selects the paged backend."""
     config = make_config(str(folder), block_size)
-    model = get_model(folder, ModelContext(TPGroup(), config.device, config.dtype, block_size, quantize=quantize))
+    ctx = ModelContext(TPGroup(), config.device, config.dtype, block_size, quantize=quantize, cpu_kernel=cpu_kernel)
+    model = get_model(folder, ctx)
     engine = Engine(config, model, TPGroup(), folder)
     engine.warmup(pb.WarmupRequest(max_batch_total_tokens=num_blocks_tokens, max_prefill_tokens=64))
     return engine

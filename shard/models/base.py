@@ -7,7 +7,8 @@ from typing import Protocol
 
 import torch
 
-from shard.attention import AttentionMetadata, FlashAttnBackend, SdpaBackend
+from shard.attention import AttentionMetadata, Backend
+from shard.cpu_kernels import PagedDecode
 from shard.distributed import TPGroup
 from shard.kv_cache import KVCache, KVCacheSpec
 
@@ -20,6 +21,8 @@ class ModelContext:
     block_size: int
     trust_remote_code: bool = False
     quantize: str | None = None  # "int8" | "int4": CPU weight quantization at load (layers/quant.py)
+    attention: str = "paged"  # ShardConfig.attention
+    cpu_kernel: PagedDecode | None = None  # the compiled paged decode kernel, when it built (cpu_kernels.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +37,7 @@ class ModelInfo:
 
 class CausalLM(Protocol):
     info: ModelInfo
-    backend: SdpaBackend | FlashAttnBackend
+    backend: Backend
 
     def forward(
         self,

@@ -117,7 +117,7 @@ class LlamaModel(nn.Module):
             # No sliding-window masking in the attention backends yet: serve only contexts the
             # window covers entirely, where full attention is exact.
             max_positions = min(max_positions, window)
-        self.backend = select_backend(ctx.device, dim ** -0.5)
+        self.backend = select_backend(ctx.device, dim ** -0.5, ctx.attention, ctx.cpu_kernel)
         self.rotary = RotaryEmbedding(config, dim, max_positions, ctx.device)
         shared = Shared(self.rotary, self.backend)
         embed = weights.get_sharded("model.embed_tokens.weight", dim=0, even=False)

@@ -36,7 +36,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedConfig
 
 from shard.attention import (
-    AttentionMetadata, FlashAttnBackend, SdpaBackend, SeqStep, build_metadata, select_backend,
+    AttentionMetadata, Backend, SeqStep, build_metadata, select_backend,
 )
 from shard.kv_cache import KVCache, KVCacheSpec
 from shard.models import UnsupportedModelError
@@ -129,8 +129,8 @@ class TransformersModel:
         spec = KVCacheSpec(text.num_hidden_layers, kv_heads, head_dim, ctx.block_size, ctx.dtype)
         self.model = model
         self.device = ctx.device
-        self.backend: SdpaBackend | FlashAttnBackend = select_backend(ctx.device, head_dim**-0.5)
-        self._backends: dict[float, SdpaBackend | FlashAttnBackend] = {self.backend.scale: self.backend}
+        self.backend: Backend = select_backend(ctx.device, head_dim**-0.5, ctx.attention, ctx.cpu_kernel)
+        self._backends: dict[float, Backend] = {self.backend.scale: self.backend}
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._probe(spec, (getattr(config, "architectures", None) or [type(model).__name__])[0])
         max_positions = _max_positions(text)
@@ -166,18 +166,18 @@ class TransformersModel:
         )
         return cls(model.to(ctx.device).eval(), config, ctx, eos_token_ids)
 
-    def backend_for(self, scale: float) -> SdpaBackend | FlashAttnBackend:
+    def backend_for(self, scale: float) -> Backend:
         backend = self._backends.get(scale)
         if backend is None:
-            backend = self._backends[scale] = type(self.backend)(scale)
+            backend = self._backends[scale] = self.backend.with_scale(scale)
         return backend
 
     def _probe(self, spec: KVCacheSpec, arch: str) -> None:
         """One token through the model on a scratch cache: proves that every layer's attention
         goes through our function (in layer order) and that the cache shapes fit the config."""
         cache = KVCache(spec, 2, self.device)
-        flash = isinstance(self.backend, FlashAttnBackend)
-        meta = build_metadata([SeqStep(q_len=1, kv_len=1, blocks=[1])], spec.block_size, self.device, flash)
+        meta = build_metadata([SeqStep(q_len=1, kv_len=1, blocks=[1])], spec.block_size, self.device,
+                              self.backend.layout)
         zero = torch.zeros(1, dtype=torch.long, device=self.device)
         layers = self._forward(zero, zero, cache, meta, None)[1]
         if layers != list(range(spec.num_layers)):

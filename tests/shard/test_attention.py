@@ -1,4 +1,5 @@
-"""Paged SDPA attention against a dense reference, on scattered block tables."""
+"""Both CPU attention backends (SDPA over gathered K/V, the compiled paged kernel) against a dense
+reference, on scattered block tables; the metadata each layout needs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 import pytest
 import torch
 
-from shard.attention import SdpaBackend, SeqStep, build_metadata
+from shard.attention import PagedCpuBackend, SdpaBackend, SeqStep, build_metadata
 from shard.kv_cache import KVCache, KVCacheSpec
 
 H, KVH, D, BS = 4, 2, 8, 4
@@ -24,13 +25,20 @@ def dense_reference(q, k, v, q_len):
     return (scores.softmax(-1) @ v).transpose(0, 1)
 
 
+@pytest.fixture(params=["sdpa", "paged"])
+def backend(request):
+    if request.param == "sdpa":
+        return SdpaBackend(D**-0.5)
+    return PagedCpuBackend(D**-0.5, request.getfixturevalue("paged_kernel"))
+
+
 @pytest.mark.parametrize("shape", [
     [(1, 9)],  # one decode row
     [(9, 9)],  # one full prefill
     [(1, 5), (1, 13), (1, 2)],  # pure decode batch, ragged lengths
     [(6, 6), (1, 11), (3, 10), (1, 4)],  # mixed: prefill, decode, chunk after a cached prefix, decode
 ])
-def test_paged_matches_dense(shape):
+def test_paged_matches_dense(shape, backend):
     torch.manual_seed(0)
     rng = random.Random(0)
     cache = KVCache(KVCacheSpec(1, KVH, D, BS, torch.float32), num_blocks=64, device=torch.device("cpu"))
@@ -47,11 +55,11 @@ def test_paged_matches_dense(shape):
         for pos in range(kv_len - q_len):
             slot = blocks[pos // BS] * BS + pos % BS
             k_cache[slot], v_cache[slot] = full_k[-1][pos], full_v[-1][pos]
-    meta = build_metadata(seqs, BS, torch.device("cpu"))
+    meta = build_metadata(seqs, BS, torch.device("cpu"), backend.layout)
     q = torch.randn(sum(q for q, _ in shape), H, D)
     k = torch.cat([fk[kv - ql:] for fk, (ql, kv) in zip(full_k, shape)])
     v = torch.cat([fv[kv - ql:] for fv, (ql, kv) in zip(full_v, shape)])
-    out = SdpaBackend(D**-0.5).forward(q, k, v, cache.layer(0), meta)
+    out = backend.forward(q, k, v, cache.layer(0), meta)
     start = 0
     for (q_len, kv_len), fk, fv in zip(shape, full_k, full_v):
         expected = dense_reference(q[start : start + q_len], fk, fv, q_len)
@@ -82,3 +90,61 @@ def test_kv_cache_layout_and_size():
     assert spec.bytes_per_block == 2 * 3 * 4 * 2 * 8 * 4
     assert cache.nbytes == 5 * spec.bytes_per_block
     assert cache.num_tokens == 20
+
+
+def test_paged_metadata_carries_block_tables_not_padded_slots():
+    meta = build_metadata([SeqStep(1, 5, [3, 4, 9]), SeqStep(4, 4, [6]), SeqStep(1, 2, [7])], BS,
+                          torch.device("cpu"), "paged")
+    assert meta.decode_kv_slots is None and meta.decode_kv_mask is None
+    # Only the blocks each length uses; shorter tables padded with block 0 (never read).
+    assert meta.decode_block_tables.tolist() == [[3, 4], [7, 0]]
+    assert meta.decode_block_tables.dtype == meta.decode_kv_lens.dtype == torch.int32
+    assert meta.decode_kv_lens.tolist() == [5, 2]
+    assert meta.decode_tokens.tolist() == [0, 5] and len(meta.prefills) == 1
+
+
+def test_paged_backend_serves_explicit_slot_probes_through_sdpa(paged_kernel):
+    """The health probe addresses slots directly; the paged layout falls back to padded slots."""
+    meta = build_metadata([SeqStep(1, 1, [0], slots=[0])], BS, torch.device("cpu"), "paged")
+    assert meta.decode_block_tables is None and meta.decode_kv_slots is not None
+    cache = KVCache(KVCacheSpec(1, KVH, D, BS, torch.float32), num_blocks=2, device=torch.device("cpu"))
+    q, k, v = torch.randn(1, H, D), torch.randn(1, KVH, D), torch.randn(1, KVH, D)
+    out = PagedCpuBackend(D**-0.5, paged_kernel).forward(q, k, v, cache.layer(0), meta)
+    torch.testing.assert_close(out, dense_reference(q, k, v, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 5])  # fewer sequences than threads: split by kv head; more: by sequence
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_sdpa_on_scattered_blocks(paged_kernel, batch, dtype):
+    torch.manual_seed(batch)
+    heads, kv_heads, dim, block = 6, 3, 16, 4
+    lengths = [1, 4, 5, 17, 33][:batch]  # one token, exact block multiple, block + 1, longer ones
+    blocks = [-(-n // block) for n in lengths]
+    order = torch.randperm(sum(blocks)) + 1
+    tables, start = [], 0
+    for n in blocks:
+        tables.append(order[start:start + n].tolist())
+        start += n
+    k_cache = torch.randn(1 + sum(blocks), block, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(1 + sum(blocks), block, kv_heads, dim).to(dtype)
+    q = torch.randn(batch, heads, dim).to(dtype)
+    seqs = [SeqStep(1, n, t) for n, t in zip(lengths, tables)]
+    paged = build_metadata(seqs, block, torch.device("cpu"), "paged")
+    padded = build_metadata(seqs, block, torch.device("cpu"))
+    out = paged_kernel(q, k_cache, v_cache, paged.decode_block_tables, paged.decode_kv_lens, 0.25)
+    expected = SdpaBackend(0.25)._decode(q.float(), (k_cache.float(), v_cache.float()), padded)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_kernel_rejects_out_of_range_tables(paged_kernel):
+    cache = torch.zeros(3, BS, KVH, D)
+    q = torch.zeros(1, H, D)
+    lens = torch.tensor([BS], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        paged_kernel(q, cache, cache, torch.tensor([[3]], dtype=torch.int32), lens, 1.0)
+    with pytest.raises(RuntimeError, match="kv length out of range"):
+        paged_kernel(q, cache, cache, torch.tensor([[1]], dtype=torch.int32), lens + 1, 1.0)
+    with pytest.raises(RuntimeError, match="int32"):
+        paged_kernel(q, cache, cache, torch.tensor([[1]]), lens, 1.0)

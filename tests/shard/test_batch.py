@@ -26,7 +26,7 @@ def make_batch() -> Batch:
 
 def test_from_pb_and_step_inputs():
     batch = make_batch()
-    inputs = batch.prepare(block_size=4, device=CPU, flash=False)
+    inputs = batch.prepare(block_size=4, device=CPU)
     # request 3 skips its 4 cached tokens and computes a 3-token chunk
     assert inputs.input_ids.tolist() == [5, 6, 7, 8, 9, 3, 4, 14, 15, 16]
     assert inputs.positions.tolist() == [0, 1, 2, 3, 4, 0, 1, 4, 5, 6]
@@ -39,13 +39,13 @@ def test_from_pb_and_step_inputs():
 
 def test_advance_then_decode_inputs():
     batch = make_batch()
-    inputs = batch.prepare(4, CPU, False)
+    inputs = batch.prepare(4, CPU)
     logits = torch.zeros(2, 32)
     logits[0, 11] = logits[1, 12] = 5.0
     out = batch.sampler(logits, rows=inputs.sample_rows)
     generations = batch.advance(inputs, out, eos_ids=frozenset())
     assert [(g.request_id, list(g.tokens.ids)) for g in generations] == [(1, [11]), (2, [12])]
-    following = batch.prepare(4, CPU, False)
+    following = batch.prepare(4, CPU)
     # decode rows feed their sampled token; request 3 computes the rest of its prompt
     assert following.input_ids.tolist() == [11, 12, 17, 18, 19]
     assert following.positions.tolist() == [5, 2, 7, 8, 9]

@@ -30,9 +30,13 @@ def smol():
     return source.path, tokenizer, Reference(model)
 
 
-@pytest.fixture(scope="module")
-def engine(smol):
-    return make_engine(smol[0], block_size=BLOCK, num_blocks_tokens=16384)
+@pytest.fixture(scope="module", params=["sdpa", "paged"])
+def engine(smol, request):
+    """Every fidelity test runs on both attention backends: torch SDPA and the compiled kernel."""
+    kernel = request.getfixturevalue("paged_kernel") if request.param == "paged" else None
+    engine = make_engine(smol[0], block_size=BLOCK, num_blocks_tokens=16384, cpu_kernel=kernel)
+    assert engine.model.backend.layout == ("paged" if kernel else "padded")
+    return engine
 
 
 def test_single_chat_request(engine, smol):

@@ -56,7 +56,6 @@ class AttentionMetadata:
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
 
-
     @property
     def has_decode_rows(self) -> bool:
         return self.decode_kv_slots is not None or self.decode_block_tables is not None

@@ -25,13 +25,26 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (freqs.cos() * attention_scaling).to(device), persistent=False)
         self.register_buffer("sin", (freqs.sin() * attention_scaling).to(device), persistent=False)
 
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D/2] at these positions. Looked up once per step and shared by every
+        layer: per layer, the lookups were 6 of the step's ~80 small ops per layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KVH, D]; the rotate-half (GPT-NeoX) convention of HF Llama."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return apply_rotary(q, k, *self.tables(positions, q.dtype))
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, H, D], k: [T, KVH, D]; the rotate-half (GPT-NeoX) convention of HF Llama. q and k are
+    rotated as one tensor: half the elementwise ops, and the same arithmetic per element (the
+    results are bit-identical to rotating them apart)."""
+    heads = q.shape[1]
+    both = _rotate(torch.cat([q, k], dim=1), cos, sin)
+    return both[:, :heads], both[:, heads:]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

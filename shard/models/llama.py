@@ -14,7 +14,7 @@ from shard.layers.activation import gated
 from shard.layers.embedding import LMHead, VocabParallelEmbedding
 from shard.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shard.layers.norm import RMSNorm
-from shard.layers.rotary import RotaryEmbedding
+from shard.layers.rotary import RotaryEmbedding, apply_rotary
 from shard.models.base import ModelContext, ModelInfo
 from shard.weights import Weights
 
@@ -24,11 +24,11 @@ def head_dim(config: PretrainedConfig) -> int:
 
 
 class Shared:
-    """Per-model objects every attention layer uses: the rotary tables and the attention backend.
-    A plain object (not a Module), so the rotary buffers aren't registered once per layer."""
+    """Per-model objects every attention layer uses: the attention backend (one object, so a
+    benchmark or test can swap it for every layer at once). The rotary tables are looked up once
+    per step in `LlamaModel.forward` and handed down."""
 
-    def __init__(self, rotary: RotaryEmbedding, backend):
-        self.rotary = rotary
+    def __init__(self, backend):
         self.backend = backend
 
 
@@ -63,7 +63,7 @@ class Attention(nn.Module):
         self.split = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim)
         self.shared = shared
 
-    def forward(self, hidden, positions, cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden, rope, cache, meta: AttentionMetadata) -> torch.Tensor:
         tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split(self.split, dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
@@ -71,7 +71,7 @@ class Attention(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
-        q, k = self.shared.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         out = self.shared.backend.forward(q, k, v.contiguous(), cache, meta)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
@@ -99,9 +99,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(weights.get(f"{prefix}.post_attention_layernorm.weight"), eps)
         self.mlp = MLP(f"{prefix}.mlp", config, weights, ctx)
 
-    def forward(self, hidden, residual, positions, cache, meta):
+    def forward(self, hidden, residual, rope, cache, meta):
         hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, cache, meta)
+        hidden = self.self_attn(hidden, rope, cache, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -119,7 +119,7 @@ class LlamaModel(nn.Module):
             max_positions = min(max_positions, window)
         self.backend = select_backend(ctx.device, dim ** -0.5, ctx.attention, ctx.cpu_kernel)
         self.rotary = RotaryEmbedding(config, dim, max_positions, ctx.device)
-        shared = Shared(self.rotary, self.backend)
+        shared = Shared(self.backend)
         embed = weights.get_sharded("model.embed_tokens.weight", dim=0, even=False)
         self.embed_tokens = VocabParallelEmbedding(embed, config.vocab_size, tp)
         self.layers = nn.ModuleList(
@@ -142,9 +142,10 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_cache: KVCache, meta: AttentionMetadata, logits_index):
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions, hidden.dtype)  # (cos, sin), the same for every layer
         residual = None
         for index, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, positions, kv_cache.layer(index), meta)
+            hidden, residual = layer(hidden, residual, rope, kv_cache.layer(index), meta)
         hidden, _ = self.norm(hidden, residual)
         if logits_index is not None:
             hidden = hidden.index_select(0, logits_index)

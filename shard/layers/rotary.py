@@ -26,8 +26,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", (freqs.sin() * attention_scaling).to(device), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D/2] at these positions. Looked up once per step and shared by every
-        layer: per layer, the lookups were 6 of the step's ~80 small ops per layer."""
+        """cos, sin [T, 1, D/2] at these positions: looked up once per step and shared by every
+        layer (six small ops per layer otherwise)."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
     def forward(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import sys
 import time
@@ -71,13 +72,21 @@ def load_paged_decode(cache_dir: Path) -> PagedDecode | None:
     from torch.utils import cpp_extension
 
     flags = ["-O3", "-fopenmp", *isa_flags(_cpu_flags(), platform.machine())]
-    key = build_key(SOURCE.read_bytes(), flags)
+    text = SOURCE.read_bytes()
+    key = build_key(text, flags)
     build_dir = cache_dir / "kernels" / f"paged_attention-{key}"
     start = time.monotonic()
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
+        # Compile a copy inside the build folder: torch rebuilds when the source *path* changes,
+        # so two installs (venvs, checkouts) sharing one cache would otherwise rebuild in turn.
+        source = build_dir / SOURCE.name
+        if not source.exists() or source.read_bytes() != text:
+            staged = build_dir / f".{SOURCE.name}.{os.getpid()}"
+            staged.write_bytes(text)
+            os.replace(staged, source)  # atomic: a concurrent shard sees the old or the new file
         module = cpp_extension.load(
-            name=f"pytgi_paged_attention_{key}", sources=[str(SOURCE)], extra_cflags=flags,
+            name=f"pytgi_paged_attention_{key}", sources=[str(source)], extra_cflags=flags,
             extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, a read-only cache: SDPA still serves

@@ -4,6 +4,8 @@ build, and backend selection (the kernel's numbers are in test_attention.py)."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,3 +66,24 @@ def test_attention_env_is_validated(monkeypatch):
     monkeypatch.setenv("ATTENTION", "flashinfer")
     with pytest.raises(ValueError, match="unsupported ATTENTION='flashinfer'; choose one of paged, sdpa"):
         build_config(None, **kwargs)
+
+
+def test_another_checkout_of_the_same_source_reuses_the_build(paged_kernel, tmp_path):
+    """torch rebuilds when the source path changes; the build compiles a copy inside its own
+    folder, so two installs sharing one cache do not rebuild in turn. (A fresh process: torch
+    keeps per-process state about what it built.)"""
+    from shard.config import default_cache_dir
+
+    copy = tmp_path / "csrc" / cpu_kernels.SOURCE.name
+    copy.parent.mkdir()
+    copy.write_bytes(cpu_kernels.SOURCE.read_bytes())
+    libraries = (default_cache_dir() / "kernels").glob("paged_attention-*/*.so")
+    before = {lib: lib.stat().st_mtime_ns for lib in libraries}
+    script = (
+        "import pathlib, sys; from shard import cpu_kernels; from shard.config import default_cache_dir; "
+        f"cpu_kernels.SOURCE = pathlib.Path({str(copy)!r}); "
+        "sys.exit(cpu_kernels.load_paged_decode(default_cache_dir()) is None)"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    after = (default_cache_dir() / "kernels").glob("paged_attention-*/*.so")
+    assert {lib: lib.stat().st_mtime_ns for lib in after} == before  # nothing rebuilt

@@ -75,11 +75,12 @@ class Infer:
         if self.tracer is not None:
             entry.trace = self.tracer.step_log()  # its spans: children of the request's
         self.queue.append(entry)
+        deadline = self._arm_deadline(entry)
         end: Event | None = None  # the finishing token or the error, once the stream reached it
         last_token_at = entry.queued_at
         try:
             while end is None:
-                event = await self._next_event(entry)
+                event = await entry.events.get()
                 now = time.monotonic()
                 # Metrics before yielding: a consumer may stop iterating at the last event.
                 if isinstance(event, ErrorEvent):
@@ -96,6 +97,8 @@ class Infer:
                         end = event
                 yield event
         finally:
+            if deadline is not None:
+                deadline.cancel()
             if end is None:  # the consumer left before the end: TGI counts that as dropped
                 self.metrics.failure("dropped")
             if not entry.finished:
@@ -104,16 +107,16 @@ class Infer:
             if entry.trace is not None:
                 self.tracer.end_generation(entry, end)
 
-    async def _next_event(self, entry: Entry) -> Event:
+    def _arm_deadline(self, entry: Entry) -> asyncio.TimerHandle | None:
+        """One timer per request, not a timeout around every token read: at the deadline a 408
+        error event joins the request's events, the stream ends on it and the batcher drops it."""
         if self.request_timeout is None:
-            return await entry.events.get()
-        remaining = entry.queued_at + self.request_timeout - time.monotonic()
-        try:
-            return await asyncio.wait_for(entry.events.get(), remaining)
-        except asyncio.TimeoutError:
-            # Not entry.fail(): the entry must stay unfinished so that the batcher releases it.
-            return ErrorEvent(RequestTimeoutError(
-                f"Request exceeded the server's time limit of {self.request_timeout:g} s"))
+            return None
+        message = f"Request exceeded the server's time limit of {self.request_timeout:g} s"
+        error = ErrorEvent(RequestTimeoutError(message))
+        delay = entry.queued_at + self.request_timeout - time.monotonic()
+        # Not entry.fail(): the entry must stay unfinished so that the batcher releases it.
+        return asyncio.get_running_loop().call_later(delay, entry.events.put_nowait, error)
 
     async def generate(self, valid: ValidRequest) -> Generated:
         start = time.monotonic()

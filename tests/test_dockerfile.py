@@ -75,3 +75,10 @@ def test_sagemaker_entrypoint_execs_the_launcher_on_8080(tmp_path):
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
     out = subprocess.run(["bash", str(ENTRYPOINT), "serve"], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["--port", "8080"]
+
+
+def test_cpu_image_can_build_the_attention_kernel():
+    """The CPU shard compiles its paged-attention kernel at the first start (shard/cpu_kernels.py);
+    without a compiler it would silently serve the slower SDPA path."""
+    cpu = " ".join(stages()["cpu"])
+    assert re.search(r"apt-get install [^&]*\bg\+\+", cpu)

@@ -87,3 +87,12 @@ def test_another_checkout_of_the_same_source_reuses_the_build(paged_kernel, tmp_
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     after = (default_cache_dir() / "kernels").glob("paged_attention-*/*.so")
     assert {lib: lib.stat().st_mtime_ns for lib in after} == before  # nothing rebuilt
+
+
+def test_the_kernel_source_ships_in_the_package():
+    """A wheel without csrc/ would leave every installed shard on the SDPA fallback."""
+    tomllib = pytest.importorskip("tomllib")
+    root = cpu_kernels.SOURCE.parents[2]
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = package_data["shard"]
+    assert any(cpu_kernels.SOURCE.match(f"shard/{pattern}") for pattern in patterns)

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 
+import pytest
 import requests
 
 from conftest import start_launcher, stop_launcher
@@ -144,3 +145,12 @@ def test_sigterm_drains_a_stream_then_stops_router_before_shards():
               f"launcher exited 0 after {stopped:.1f} s")
     finally:
         stop_launcher(server)
+
+
+def test_max_total_tokens_past_the_model_positions_is_refused_at_start():
+    """Positions past the model's would fail a shared step at the first long request: the
+    launcher stops with one line naming both numbers instead (SmolLM2 has 8192 positions)."""
+    with pytest.raises(RuntimeError) as info:
+        start_launcher("--max-total-tokens", "9000", "--max-input-tokens", "100")
+    assert "exited with" in str(info.value)
+    assert "`max_total_tokens` (9000) exceeds the model's `max_position_embeddings` (8192)" in str(info.value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import stat
 import time
 
@@ -51,6 +52,24 @@ def test_api_keys_from_flag_and_file(ops):
         assert requests.post(f"{url}/generate", json=body, headers=auth(key), timeout=60).status_code == 200
         assert requests.get(f"{url}/v1/models", headers=auth(key), timeout=30).status_code == 200
     assert requests.get(f"{url}/no-such-route", timeout=30).status_code == 401  # deny before 404
+
+
+def test_authorization_header_bytes_that_are_not_utf8_are_a_401(ops):
+    """requests cannot send such a header: a raw HTTP/1.1 exchange. The key check must refuse it
+    (not raise: it was a 500 with a traceback), and the server serves the next request."""
+    host, port = ops.url.removeprefix("http://").split(":")
+    for token in (b"\xff\xfe\xc3", b"it-flag-key\x80", b"\xe2\x82"):
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token
+                         + b"\r\nConnection: close\r\n\r\n")
+            response = b""
+            while chunk := sock.recv(65536):
+                response += chunk
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401"), head
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert requests.get(f"{ops.url}/health", timeout=30).status_code == 200
+    assert requests.get(f"{ops.url}/v1/models", headers=auth(FLAG_KEY), timeout=30).status_code == 200
 
 
 def test_request_id_echoed_and_in_json_logs(ops):

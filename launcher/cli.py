@@ -71,8 +71,8 @@ _OPTIONS = [
     _option("--hostname", help="Address the HTTP server binds (env HOSTNAME, as in TGI)."),
     _option("-p", "--port", type=int, help="HTTP port."),
     _option("--shard-uds-path",
-            help="Unix socket prefix; shard r listens on {path}-{r} (default: in a private temp dir, "
-                 "mode 0700, removed at exit)."),
+            help="Unix socket prefix; shard r listens on {path}-{r}, and a missing directory is created "
+                 "with mode 0700 (default: in a private temp dir, mode 0700, removed at exit)."),
     _option("--master-addr", help="torch.distributed master address (MASTER_ADDR for the shards)."),
     _option("--master-port", type=int, help="torch.distributed master port (MASTER_PORT for the shards)."),
     _option("--nnodes", type=int, help="Multi-node: number of nodes, each running this launcher with --num-shard shards."),
@@ -89,9 +89,12 @@ _OPTIONS = [
     _option("--json-output", is_flag=True, help="Log JSON lines (launcher, router and shards)."),
     _option("--otlp-endpoint", help="OpenTelemetry gRPC endpoint for the router's traces."),
     _option("--otlp-service-name", help="OpenTelemetry service name."),
-    _option("--cors-allow-origin", multiple=True, help="Allowed CORS origin (repeatable; default: any)."),
+    _option("--cors-allow-origin", multiple=True,
+            help="Origin allowed to read responses cross-origin (repeatable; `*`: any; default: none, "
+                 "CORS off)."),
     _option("--api-key", help="Require `Authorization: Bearer KEY` on every route but /health, /ping, "
-                              "/live, /ready, /info, /metrics and the docs."),
+                              "/live, /ready, /info, /metrics and the docs. Prefer the API_KEY env var "
+                              "or --api-key-file: a command line is visible in ps."),
     _option("--api-key-file", help="More accepted API keys, one per line (blank and # lines ignored)."),
     _option("--watermark-gamma", type=float, help="Watermark gamma (WATERMARK_GAMMA for the shards)."),
     _option("--watermark-delta", type=float, help="Watermark delta (WATERMARK_DELTA for the shards)."),

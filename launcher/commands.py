@@ -53,6 +53,7 @@ def child_env(args: LauncherArgs, base: Mapping[str, str]) -> dict[str, str]:
     env = dict(base)
     env["PYTHONUNBUFFERED"] = "1"  # our pipes are not terminals: keep prints line by line
     env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    env.pop("API_KEY", None)  # the router's secret (router_env); no other child needs it
     if "HF_TOKEN" not in env and env.get("HF_API_TOKEN"):
         env["HF_TOKEN"] = env["HF_API_TOKEN"]
     if args.huggingface_hub_cache:
@@ -79,11 +80,12 @@ def shard_env(args: LauncherArgs, rank: int, world_size: int, base: Mapping[str,
 
 
 # launcher option → router option; passed only when the user set it (the router's defaults apply
-# otherwise). Flags (bool) are passed bare when true; tuples repeat the option.
+# otherwise). Flags (bool) are passed bare when true; tuples repeat the option. Not --api-key: any
+# local user can read a command line (ps, /proc/PID/cmdline), so the key goes in router_env.
 ROUTER_OPTIONS = (
     "max_concurrent_requests", "max_best_of", "max_stop_sequences", "max_top_n_tokens",
     "max_total_tokens", "waiting_served_ratio", "max_batch_prefill_tokens", "max_batch_total_tokens",
-    "max_waiting_tokens", "max_batch_size", "validation_workers", "api_key", "cors_allow_origin",
+    "max_waiting_tokens", "max_batch_size", "validation_workers", "cors_allow_origin",
     "json_output", "otlp_endpoint", "otlp_service_name", "payload_limit", "max_client_batch_size",
     "disable_grammar_support", "tokenizer_config_path", "disable_prefix_caching", "strict_model_name",
     "api_key_file", "request_timeout", "graceful_termination_timeout", "client_header_timeout",
@@ -115,4 +117,9 @@ def build_router_argv(args: LauncherArgs) -> list[str]:
 
 
 def router_env(args: LauncherArgs, base: Mapping[str, str]) -> dict[str, str]:
-    return child_env(args, base)
+    """The router reads its key from API_KEY (TGI's name): a process's environment is readable
+    only by its owner and root."""
+    env = child_env(args, base)
+    if args.api_key is not None:
+        env["API_KEY"] = args.api_key
+    return env

@@ -10,6 +10,8 @@ Decisions:
   The router goes first and alone: it drains (in-flight requests and streams finish, new ones
   get 503), which needs the shards alive, so they get SIGTERM only once it has exited.
 - Without --shard-uds-path the shards' sockets go in a fresh 0700 temp dir, removed at exit.
+  With it, a missing directory is created (0700, kept) before any shard starts, or the launch
+  stops with one line saying why (a shard would only die binding its socket, in a traceback).
 - Any child exiting while we did not ask it to (during start-up or later) is a failure: the
   others are terminated the same way and the launcher exits 1, saying which child died, how
   (exit code or signal) and its last 20 stderr lines.
@@ -226,6 +228,17 @@ def check_port_free(hostname: str, port: int) -> None:
                 raise StartupError(message) from None
 
 
+def make_socket_dir(prefix: str) -> None:
+    """The directory of --shard-uds-path, created (with its missing parents) when missing. Only the
+    new leaf gets 0700, like the private default; an existing directory is left as it is."""
+    directory = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as error:  # no permission, or a file where a directory should be
+        raise StartupError(f"--shard-uds-path {prefix}: cannot create the directory {directory}: "
+                           f"{error.strerror or error}") from None
+
+
 def clear_stale_sockets(paths: Sequence[str]) -> None:
     for path in paths:
         if not os.path.lexists(path):
@@ -274,6 +287,8 @@ class Supervisor:
         try:
             if self.args.shard_uds_path is None:
                 socket_dir = self._use_private_socket_dir()
+            else:
+                make_socket_dir(self.args.shard_uds_path)
             return self._launch_and_supervise()
         except StartupError as error:
             self.out.log("ERROR", str(error))
@@ -347,8 +362,7 @@ class Supervisor:
 
     def _spawn(self, name: str, label: str, argv: list[str], env: Mapping[str, str]) -> Child:
         argv = _resolve_exe(argv, env)
-        shown = ["***" if i and argv[i - 1] == "--api-key" else arg for i, arg in enumerate(argv)]
-        self.out.log("INFO", f"starting {label}: {' '.join(shown)}")
+        self.out.log("INFO", f"starting {label}: {' '.join(argv)}")  # no secret: the API key is in env
         try:
             return Child(name, label, argv, env, self.out)
         except OSError as error:

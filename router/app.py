@@ -7,6 +7,8 @@ import logging
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from router import request_id
 from router.auth import ApiKeys
@@ -79,19 +81,25 @@ def error_middleware():
             headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
             return error_response(request, RouterError(message, status=error.status, error_type=error_type),
                                   headers)
+        except ConnectionError:
+            # The client left while its response was written (e.g. before a stream's headers went
+            # out): nothing to answer and nothing broken. aiohttp's own write of this placeholder
+            # fails quietly on the closed transport; 499 is what the access line shows.
+            log.info("client went away during %s %s", request.method, request.path)
+            return web.Response(status=499)
         except Exception:
-            if not is_openai(request):
-                raise
+            # A bug, never the client's fault: the traceback goes to the log, the client gets the
+            # route family's envelope with nothing of the server's internals.
             log.exception("unhandled error on %s %s", request.method, request.path)
-            return openai_error(RouterError("The server had an error while processing your request.",
-                                            status=500))
+            return error_response(request, RouterError("The server had an error while processing your "
+                                                        "request.", status=500))
 
     return errors
 
 
 def auth_middleware(keys: ApiKeys):
     """Before routing, so that unknown paths answer 401, not 404, to a caller without a key.
-    CORS preflights never get here: cors_middleware (outside this one) answers them."""
+    Allowed origins' CORS preflights never get here: Cors (outside this one) answers them."""
 
     @web.middleware
     async def auth(request: web.Request, handler):
@@ -171,35 +179,72 @@ def body_timeout_middleware(timeout: float):
                     await request.read()
             except TimeoutError:
                 raise RequestTimeoutError(f"The request body was not received within {timeout:g} s") from None
+            except (HttpProcessingError, RequestPayloadError) as error:
+                # A body that cannot be received as declared (a Content-Encoding it is not in, a
+                # truncated chunk): the client's fault, a 400 like a body that is not JSON.
+                log.info("unreadable request body: %r", error)
+                raise RouterError("The request body could not be read: its Content-Encoding or framing is "
+                                  "broken.", status=400, error_type="validation") from None
         return await handler(request)
 
     return read_body
 
 
-def cors_middleware(origins: tuple[str, ...]):
-    allowed = set(origins)
+class Cors:
+    """--cors-allow-origin. Without it CORS is off: no CORS header at all, as in TGI (browsers
+    then refuse cross-origin reads). With it, only the listed origins are answered, or any with an
+    explicit `*`. Their preflights are answered before auth (browsers send them without the
+    Authorization header); other preflights go on like any OPTIONS request (401, 405)."""
 
-    @web.middleware
-    async def cors(request: web.Request, handler):
-        origin = request.headers.get("Origin")
-        if request.method == "OPTIONS" and origin:
-            response = web.Response(status=204)
-        else:
-            response = await handler(request)
-        if origin and (not allowed or origin in allowed or "*" in allowed):
-            response.headers["Access-Control-Allow-Origin"] = origin if allowed and "*" not in allowed else "*"
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST"
-            response.headers["Access-Control-Allow-Headers"] = "content-type, authorization"
-        return response
+    METHODS = "GET, POST"
+    HEADERS = "content-type, authorization"  # authorization: --api-key's bearer token
+    MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
 
-    return cors
+    def __init__(self, origins: tuple[str, ...]):
+        self.origins = frozenset(origins)
+        self.any_origin = "*" in self.origins
+
+    def allowed(self, origin: str | None) -> str | None:
+        """The Access-Control-Allow-Origin value for a request from `origin`; None: no CORS."""
+        if origin is None:
+            return None
+        if self.any_origin:
+            return "*"
+        return origin if origin in self.origins else None
+
+    def middleware(self):
+        @web.middleware
+        async def preflight(request: web.Request, handler):
+            if (request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+                    and self.allowed(request.headers.get("Origin"))):
+                return web.Response(status=204, headers={
+                    "Access-Control-Allow-Methods": self.METHODS, "Access-Control-Allow-Headers": self.HEADERS,
+                    "Access-Control-Max-Age": self.MAX_AGE})
+            return await handler(request)
+
+        return preflight
+
+    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Headers on every response, set as it is prepared: a stream's headers leave before its
+        handler returns, so a middleware adding them afterwards would miss every stream."""
+        allow_origin = self.allowed(request.headers.get("Origin"))
+        if allow_origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = allow_origin
+        if not self.any_origin:
+            # The answer depends on the Origin (a header for some, none for others): a shared
+            # cache must not give one origin's response to another.
+            vary = response.headers.get("Vary")
+            response.headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
 
 
 def create_app(config: RouterConfig, state: AppState | None = None) -> web.Application:
     """With `state` given (tests), the app uses it instead of connecting to shards."""
     keys = ApiKeys.load(config.api_key, config.api_key_file)  # ValueError: unusable key file
     drain = Drain()
-    middlewares = [request_id_middleware(), cors_middleware(config.cors_allow_origin)]
+    middlewares = [request_id_middleware()]
+    if config.cors_allow_origin:
+        cors = Cors(config.cors_allow_origin)
+        middlewares.append(cors.middleware())
     if config.otlp_endpoint:
         # Inside request ids (spans carry them), outside the rest (spans cover auth and errors).
         middlewares.insert(1, tracing_middleware(lambda request: request.app[STATE].tracer))
@@ -211,6 +256,8 @@ def create_app(config: RouterConfig, state: AppState | None = None) -> web.Appli
     app = web.Application(middlewares=middlewares, client_max_size=config.payload_limit)
     app[DRAIN] = drain
     app.on_response_prepare.append(echo_request_id)
+    if config.cors_allow_origin:
+        app.on_response_prepare.append(cors.on_prepare)
 
     async def startup(app: web.Application) -> None:
         app[STATE] = state or await AppState.connect(config)

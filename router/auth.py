@@ -46,7 +46,9 @@ class ApiKeys:
     def accepts(self, authorization: str | None) -> bool:
         """True if the `Authorization` header is `Bearer <one of the keys>` (scheme case-insensitive)."""
         scheme, _, token = (authorization or "").partition(" ")
-        presented = hashlib.sha256(token.strip().encode()).digest()
+        # aiohttp hands over header bytes that are not UTF-8 as surrogate escapes: hash the bytes
+        # as they came (such a token matches no key, and must not raise).
+        presented = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
         matched = False
         for digest in self._digests:  # no early exit: the time does not depend on which key matched
             matched |= hmac.compare_digest(presented, digest)

@@ -57,7 +57,7 @@ class Batcher:
                         break  # nothing could be scheduled: wait for a change
                 except Exception as error:  # a bug here must fail requests, not hang them all
                     log.exception("batcher step crashed")
-                    await self._fail_step([], ShardError("INTERNAL", f"router error: {error}"), "step")
+                    await self._fail_step([], ShardError("INTERNAL", f"router error: {error!r}"), "step")
 
     async def step(self) -> bool:
         """One forward. Returns False when there was nothing to run."""
@@ -183,12 +183,16 @@ class Batcher:
         except ShardError as error:
             await self._fail_step([], error, "filter")
 
-    def _release(self, entry: Entry) -> None:
+    def _release(self, entry: Entry, kv_written: bool = True) -> None:
+        """Give back the entry's blocks. `kv_written`: the steps it took part in all succeeded, so
+        its blocks hold the K/V of its tokens and may be offered to the prefix cache; after a
+        failed step they hold whatever the shards wrote before failing, and never are."""
         self.running.pop(entry.id, None)
         if entry.allocation is not None:
             # The prompt and every generated token but the last have K/V in the blocks.
             tokens = list(entry.request.input_ids) + entry.generated_ids[:-1]
-            cacheable = not entry.request.parameters.decoder_input_details and not entry.is_prefilling
+            cacheable = (kv_written and not entry.request.parameters.decoder_input_details
+                         and not entry.is_prefilling)
             self.kv.release(entry.allocation, tokens if cacheable else None)
             entry.allocation = None
         self.queue.notify()
@@ -198,11 +202,14 @@ class Batcher:
         log.error("%s failed on a shard: %s", method, error)
         self.healthy = False
         self.metrics.step_failed(method)
+        # The client learns that the step failed, not the shard's internals (socket paths,
+        # exception text): those are in the log line above, and on the request's trace.
+        failure = GenerationError(f"{method} failed on the model shards ({error.code})", detail=str(error))
         failed = set(self.running) | {e.id for e in new_entries}
         for entry in list(self.running.values()) + new_entries:
             if entry.id in failed and not entry.finished:
-                entry.fail(GenerationError(str(error)))
-            self._release(entry)
+                entry.fail(failure)
+            self._release(entry, kv_written=False)
         self.running.clear()
         self.cached = None
         self.metrics.batch(self.running, self.cached)

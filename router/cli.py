@@ -31,8 +31,11 @@ from router.config import RouterConfig
 @click.option("--max-waiting-tokens", default=20, type=int, envvar="MAX_WAITING_TOKENS")
 @click.option("--max-batch-size", default=None, type=int, envvar="MAX_BATCH_SIZE")
 @click.option("--validation-workers", default=2, type=int, envvar="VALIDATION_WORKERS")
-@click.option("--api-key", default=None, envvar="API_KEY")
-@click.option("--cors-allow-origin", multiple=True, envvar="CORS_ALLOW_ORIGIN")
+@click.option("--api-key", default=None, envvar="API_KEY",
+              help="Prefer the API_KEY env var (as the launcher passes it): a command line is visible in ps.")
+@click.option("--cors-allow-origin", multiple=True, envvar="CORS_ALLOW_ORIGIN",
+              help="Origin allowed to read responses cross-origin (repeatable; `*`: any). "
+                   "Default: none, CORS off.")
 @click.option("--json-output", is_flag=True, envvar="JSON_OUTPUT")
 @click.option("--otlp-endpoint", default=None, envvar="OTLP_ENDPOINT",
               help="OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (none: no tracing).")

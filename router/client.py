@@ -10,6 +10,7 @@ become `ShardError` with the status code name and the shard's message.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
@@ -98,6 +99,14 @@ class ShardClient:
                      updates: Sequence[pb.RequestUpdate] = ()) -> pb.DecodeResponse:
         return await self._call("Decode", pb.DecodeRequest(batches=list(batches), updates=list(updates)))
 
+    async def compile_grammar(self, grammar_type: int, grammar: str, timeout_ms: int) -> None:
+        await self._call("CompileGrammar", pb.CompileGrammarRequest(
+            grammar_type=grammar_type, grammar=grammar, timeout_ms=timeout_ms))
+
+    async def release_grammar(self, grammar_type: int, grammar_sha256: bytes) -> None:
+        await self._call("ReleaseGrammar", pb.ReleaseGrammarRequest(
+            grammar_type=grammar_type, grammar_sha256=grammar_sha256))
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -173,6 +182,28 @@ class ShardedClient:
     async def decode(self, batches: Sequence[pb.CachedBatch],
                      updates: Sequence[pb.RequestUpdate] = ()) -> pb.DecodeResponse:
         return _merge_steps(await self._all(lambda c: c.decode(batches, updates)))
+
+    async def compile_grammar(self, grammar_type: int, grammar: str, timeout_ms: int) -> None:
+        """Compile a grammar on every shard and pin it there (until `release_grammar`). Unlike
+        the other RPCs, every shard is awaited: on a failure the shards that did pin it are
+        released again before the first failure is raised, so no pin is left behind."""
+        results = await asyncio.gather(*(c.compile_grammar(grammar_type, grammar, timeout_ms) for c in self.clients),
+                                       return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if not failures:
+            return
+        pinned = [c for c, r in zip(self.clients, results) if not isinstance(r, BaseException)]
+        sha256 = hashlib.sha256(grammar.encode("utf-8", "surrogatepass")).digest()
+        await asyncio.gather(*(c.release_grammar(grammar_type, sha256) for c in pinned), return_exceptions=True)
+        raise failures[0]
+
+    async def release_grammar(self, grammar_type: int, grammar_sha256: bytes) -> None:
+        """Unpin on every shard (each one, whatever the others answer); the first failure is raised."""
+        results = await asyncio.gather(*(c.release_grammar(grammar_type, grammar_sha256) for c in self.clients),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def close(self) -> None:
         await asyncio.gather(*(client.close() for client in self.clients))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +24,7 @@ class RouterConfig:
     max_waiting_tokens: int
     max_batch_size: int | None
     validation_workers: int
-    api_key: str | None
+    api_key: str | None = field(repr=False)  # a secret: out of repr(), so of any log line showing the config
     cors_allow_origin: tuple[str, ...]
     json_output: bool
     otlp_endpoint: str | None
@@ -42,6 +42,9 @@ class RouterConfig:
     graceful_termination_timeout: float = 90.0  # SIGTERM → exit: how long in-flight requests may run on
     client_header_timeout: float = 15.0  # connection open (or last response) → complete request headers
     client_body_timeout: float = 60.0  # headers → complete request body
+    # Not a flag (TGI has none): an idle stream gets an SSE comment this often (router/sse.py).
+    # Under the 30-60 s idle limit of common proxies; tests shorten it.
+    sse_keep_alive_seconds: float = 15.0
 
     def check(self) -> None:
         """Cross-checks of the token limits that can be made before warmup (TGI's rules)."""

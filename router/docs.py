@@ -36,7 +36,7 @@ def api_limits(state: AppState) -> ApiLimits:
         max_best_of=config.max_best_of, max_stop_sequences=config.max_stop_sequences,
         max_top_n_tokens=config.max_top_n_tokens, max_input_tokens=limits.max_input_tokens,
         max_total_tokens=limits.max_total_tokens, max_client_batch_size=config.max_client_batch_size,
-        vocab_size=state.tokenizer.vocab_size,
+        vocab_size=state.vocab_size,
     )
 
 

@@ -120,11 +120,15 @@ class OverloadedError(RouterError):
 
 
 class GenerationError(RouterError):
+    """424: the request failed while it ran. `detail` is what went wrong inside (a shard's error
+    text, with its socket path): for the log and the request's trace, never for the client."""
+
     status = 424
     error_type = "generation"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, detail: str | None = None) -> None:
         self.reason = message
+        self.detail = detail
         super().__init__(f"Request failed during generation: {message}")
 
 

@@ -2,18 +2,26 @@
 OpenAI `response_format` / `tools` / `tool_choice` into one constraint for the shards.
 
 The shards enforce the grammar (shard/grammar.py, xgrammar). The router's job is to make sure
-only grammars that compile reach them, in bounded time:
-- limits first, without compiling: grammar text at most MAX_GRAMMAR_CHARS; repetition bounds
-  (`maxLength`, `maxItems`, ..., regex `{n,m}`) at most MAX_REPEAT, the one input whose compile
-  time grows without bound (~50 µs per unit of `maxLength` on SmolLM2's vocabulary);
-- then a real compile with the model's tokenizer on a worker thread (xgrammar releases the GIL,
-  so the event loop keeps serving), awaited at most `timeout_s` (COMPILE_TIMEOUT_S). A compile
-  that overruns answers "grammar is not valid: ... took longer than 5 s" and keeps running on its
-  thread; its result is cached when it ends, and requests for the same grammar wait on that one
-  compile instead of starting another;
-- results, failures included, are cached by (type, sha256(text)), LRU-bounded.
-The tokenizer and xgrammar (which imports torch and transformers) load on the first grammar,
-outside the compile timeout.
+that a grammar's cost is bounded before its request is queued, and that no shard compiles while
+other requests wait on it. `GrammarValidator.check`, in order:
+1. limits, without compiling: the text is at most MAX_GRAMMAR_CHARS; its estimated size with
+   every repeat written out (router/grammar_cost.py: nested repeats multiply, repeats in
+   sequence add up, regexes inside schemas count) is at most MAX_GRAMMAR_COST;
+2. a real compile with the model's tokenizer in a child process (router/grammar_worker.py),
+   killed at COMPILE_TIMEOUT_S (its start-up is not counted): an overrun is "grammar is not
+   valid: compiling the grammar took longer than 5 s", and so is every later check of the same
+   grammar. Requests for the same grammar share one compile. At most MAX_WAITING_COMPILES
+   compiles wait for the child; a request that would wait beyond that is refused with 429
+   (OverloadedError: the server is busy, the grammar may be fine; retry later). A waiting
+   compile whose requests have all gone (client disconnected) is dropped without running;
+3. with shards (`shards`, the app's ShardedClient): the same compile on every shard
+   (CompileGrammar), on each shard's grammar thread, within the same deadline. Each shard keeps
+   the grammar pinned in its cache while any request handler that checked it is running (the
+   pin is released, ReleaseGrammar, when the last such asyncio task ends), so the Prefill of
+   every one of those requests finds it compiled. A shard that rejects the grammar or overruns
+   makes it rejected here too.
+Results (rejections included) are cached by (type, sha256(text)), LRU-bounded, so a rejected
+grammar stays rejected and an accepted one is checked in microseconds.
 
 TGI's native `grammar` (`json`/`json_object`: a schema object or its JSON text; `json_schema`:
 `{name?, schema}`; `regex`: a string) becomes (GRAMMAR_TYPE_JSON | GRAMMAR_TYPE_REGEX, text).
@@ -43,25 +51,43 @@ import hashlib
 import json
 import logging
 import re
-import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from pytgi_proto import generate_pb2 as pb
+from router import bounds
+from router.client import ShardedClient
+from router.errors import OverloadedError
+from router.grammar_cost import Estimate, regex_cost, schema_estimate, structural_tag_estimate
+from router.grammar_pins import ShardGrammars
+from router.grammar_worker import (  # JSON_SCHEMA_OPTIONS: the shard's options, a test compares them
+    JSON_SCHEMA_OPTIONS,  # noqa: F401
+    CompileQueue,
+    CompileWorker,
+    QueueFull,
+    WorkerError,
+)
 from router.tool_calls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 log = logging.getLogger(__name__)
 
 COMPILE_TIMEOUT_S = 5.0
 MAX_GRAMMAR_CHARS = 256 * 1024
-MAX_REPEAT = 50_000
+# The one cost limit: a grammar's size with its repeats written out (router/grammar_cost.py).
+# Twice the largest single repeat accepted before (50,000: a `maxLength` that compiled in ~2.5 s
+# on SmolLM2's vocabulary), so a grammar with one such repeat still passes while sequences and
+# nests of them do not. The compile deadline remains the backstop for what the estimate misses.
+MAX_GRAMMAR_COST = 100_000
+# Compiles waiting for the compile process (the running one not counted). Beyond it: 429. At
+# worst the queue drains in MAX_WAITING_COMPILES x COMPILE_TIMEOUT_S; compiles take milliseconds.
+MAX_WAITING_COMPILES = 16
 CACHE_SIZE = 512
-
-# Must equal shard.grammar.JSON_SCHEMA_OPTIONS (a test checks): the router predicts the shard.
-JSON_SCHEMA_OPTIONS = {"any_whitespace": False, "strict_mode": True}
+# Grammars longer than this have their cost estimated off the event loop (a Python parse).
+_OFFLOAD_CHARS = 16 * 1024
 
 JSON = pb.GRAMMAR_TYPE_JSON
 REGEX = pb.GRAMMAR_TYPE_REGEX
@@ -72,10 +98,6 @@ _TAG_JSON_WHITESPACE = 1
 _ANY_OBJECT = {"type": "object"}
 _NO_PARAMETERS = {"type": "object", "properties": {}}
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
-_BOUNDED = ("maxLength", "minLength", "maxItems", "minItems", "maxProperties", "minProperties",
-            "maxContains", "minContains")
-_CPP_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
 
 
 class GrammarError(ValueError):
@@ -107,7 +129,9 @@ def native_grammar(kind: str, value: Any, param: str = "grammar") -> tuple[int, 
     if kind == "json":
         if isinstance(value, str):
             try:
-                value = json.loads(value)
+                value = bounds.loads(value)
+            except bounds.JsonTooComplex as error:
+                raise GrammarError(f"the JSON schema is too complex: {error}", param) from None
             except json.JSONDecodeError as error:
                 raise GrammarError(f"the JSON schema is not valid JSON: {error}", param) from error
         return JSON, schema_text(value, param)
@@ -125,129 +149,148 @@ def schema_text(schema: Any, param: str | None = None) -> str:
     return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
 
 
+def grammar_key(grammar_type: int, text: str) -> tuple[int, bytes]:
+    """What grammars are cached by, here and on the shards (shard.grammar.grammar_key)."""
+    return grammar_type, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
 def check_limits(grammar_type: int, text: str) -> None:
-    """The cheap limits, before any compile (GrammarError)."""
+    """The limits checked before any compile (GrammarError)."""
     if not text:  # xgrammar compiles an empty regex, but the shards refuse an empty grammar
         raise GrammarError("the grammar is empty")
     if len(text) > MAX_GRAMMAR_CHARS:
         raise GrammarError(f"the grammar is {len(text)} characters long; the limit is {MAX_GRAMMAR_CHARS}")
     if grammar_type == REGEX:
-        _check_regex(text)
-        return
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise GrammarError(f"the JSON schema is not valid JSON: {error}") from error
-    _check_bounds(value)
+        estimate, what = Estimate(regex_cost(text), None), "regex"
+    elif grammar_type in (JSON, STRUCTURAL_TAG):
+        try:
+            value = json.loads(text)
+            if grammar_type == JSON:
+                estimate, what = schema_estimate(value, MAX_GRAMMAR_COST), "JSON schema"
+            else:
+                estimate, what = structural_tag_estimate(value, MAX_GRAMMAR_COST), "structural tag"
+        except RecursionError:
+            raise GrammarError("the grammar is nested too deeply") from None
+        except ValueError as error:  # JSONDecodeError, or an integer of more than 4300 digits
+            raise GrammarError(f"the JSON schema is not valid JSON: {error}") from error
+    else:
+        raise GrammarError(f"unknown grammar type {grammar_type}")
+    if estimate.cost > MAX_GRAMMAR_COST:
+        where = f" at `{estimate.where}`" if estimate.where and estimate.where != "#" else ""
+        raise GrammarError(
+            f"the {what} is too large: with its repeats written out it comes to about {estimate.cost} "
+            f"elements{where} (nested repeats multiply, repeats in sequence add up); "
+            f"the limit is {MAX_GRAMMAR_COST}")
 
 
-def _check_regex(pattern: str) -> None:
-    for low, high in _REPEAT.findall(pattern):
-        for bound in (low, high):
-            if bound and int(bound) > MAX_REPEAT:
-                raise GrammarError(f"the regex repeats {bound} times; the limit is {MAX_REPEAT}")
+# ------------------------------------------------------------------------------- checking
 
 
-def _check_bounds(value: Any) -> None:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            number = isinstance(item, (int, float)) and not isinstance(item, bool)
-            if key in _BOUNDED and number and item > MAX_REPEAT:
-                raise GrammarError(f"`{key}` is {item}; the limit is {MAX_REPEAT}")
-            if key == "pattern" and isinstance(item, str):
-                _check_regex(item)
-            _check_bounds(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_bounds(item)
+@dataclass(eq=False, slots=True)
+class _Compile:
+    """One compile in the child process, shared by every request that waits for its result."""
 
-
-# ------------------------------------------------------------------------------- compiling
-
-
-def _clean(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return _CPP_PREFIX.sub("", text).strip()
-
-
-def compile_with(compiler, grammar_type: int, text: str):
-    """The shard's compile call (shard.grammar.compile_grammar), with the same options."""
-    if grammar_type == JSON:
-        return compiler.compile_json_schema(text, **JSON_SCHEMA_OPTIONS)
-    if grammar_type == REGEX:
-        return compiler.compile_regex(text)
-    if grammar_type == STRUCTURAL_TAG:
-        return compiler.compile_structural_tag(text)
-    raise GrammarError(f"unknown grammar type {grammar_type}")
+    future: Future  # CompileWorker.compile's: None, or why the grammar does not compile
+    waiters: int = 0
 
 
 class GrammarValidator:
-    """Compile-checks grammars off the event loop, bounded in time, cached by hash."""
+    """Checks grammars before their requests are queued (see the module docstring)."""
 
     def __init__(self, tokenizer, *, disabled: bool = False, timeout_s: float = COMPILE_TIMEOUT_S,
-                 cache_size: int = CACHE_SIZE, workers: int = 1) -> None:
-        self.tokenizer = tokenizer  # router.tokenizer.Tokenizer (its `backend` and `eos_token_id`)
+                 cache_size: int = CACHE_SIZE, max_waiting: int = MAX_WAITING_COMPILES,
+                 shards: ShardedClient | None = None, compile_delay_s: float = 0.0) -> None:
+        """`tokenizer`: router.tokenizer.Tokenizer (its `backend` and `eos_token_id`); `shards`:
+        prepare grammars on them too (None: router-side checks only, as in unit tests);
+        `compile_delay_s`: every compile takes that much longer (tests of overruns)."""
+        self.tokenizer = tokenizer
         self.disabled = disabled
         self.timeout_s = timeout_s
         self.cache_size = cache_size
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="grammar")
-        self._lock = threading.Lock()
-        self._compiler = None
-        self._ready: Future | None = None
-        # key → None (compiles) or the error message; and compiles still running.
-        self._results: OrderedDict[tuple[int, bytes], str | None] = OrderedDict()
-        self._running: dict[tuple[int, bytes], Future] = {}
+        self.shards = shards
+        eos = getattr(tokenizer, "eos_token_id", None)
+        worker = CompileWorker(lambda: tokenizer.backend.to_str(), [eos] if eos is not None else [],
+                               timeout_s=timeout_s, delay_s=compile_delay_s)
+        self._queue = CompileQueue(worker, max_waiting)
+        # The child process ends with the validator even if nobody calls close().
+        self._close = weakref.finalize(self, self._queue.close)
+        self._results: OrderedDict[tuple[int, bytes], str | None] = OrderedDict()  # None: compiles
+        self._compiles: dict[tuple[int, bytes], _Compile] = {}
+        self._shards = ShardGrammars(shards, timeout_s) if shards is not None else None
         self.hits = self.compiles = 0
 
+    @property
+    def worker(self) -> CompileWorker:
+        return self._queue.worker
+
+    @property
+    def queue(self) -> CompileQueue:
+        return self._queue
+
     async def check(self, grammar_type: int, text: str, param: str | None = None) -> None:
-        """Return if the grammar compiles; GrammarError (with `param`) if not or not in time."""
+        """Return if the grammar compiles (here and, with shards, on every shard); GrammarError
+        (with `param`) if not or not in time; OverloadedError if too many compiles wait."""
         if self.disabled:
             raise GrammarNotSupported(param)
-        key = (grammar_type, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
-        if key in self._results:
-            self._results.move_to_end(key)
-            self.hits += 1
-            message = self._results[key]
+        key = grammar_key(grammar_type, text)
+        message = await self._compiled(key, grammar_type, text, param)
+        if message is None and self._shards is not None:
+            message = await self._shards.prepare(key, grammar_type, text)
             if message is not None:
-                raise GrammarError(message, param)
-            return
-        try:
-            check_limits(grammar_type, text)
-        except GrammarError as error:
-            self._remember(key, error.message)
-            raise GrammarError(error.message, param) from None
-        try:
-            await asyncio.wrap_future(self._start_init())
-        except Exception as error:
-            log.error("grammar support failed to load: %s", error)
-            raise GrammarNotSupported(param) from error
-        future = self._running.get(key)
-        if future is None:
-            self.compiles += 1
-            future = self._executor.submit(self._compile, grammar_type, text)
-            self._running[key] = future
-            loop = asyncio.get_running_loop()
-
-            def done(f: Future, key=key) -> None:
-                try:
-                    loop.call_soon_threadsafe(self._finished, key, f)
-                except RuntimeError:  # the loop is gone (shutdown); nobody waits any more
-                    self._running.pop(key, None)
-
-            future.add_done_callback(done)
-        else:
-            self.hits += 1
-        try:
-            message = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.timeout_s)
-        except asyncio.TimeoutError:
-            message = f"compiling the grammar took longer than {self.timeout_s:g} s"
+                self._remember(key, message)  # rejected by a shard: rejected here too, from now on
         if message is not None:
             raise GrammarError(message, param)
 
-    def _finished(self, key, future: Future) -> None:
-        self._running.pop(key, None)
-        error = future.exception()
-        self._remember(key, _clean(error) if error is not None else future.result())
+    async def _compiled(self, key, grammar_type: int, text: str, param: str | None) -> str | None:
+        if key not in self._results and key not in self._compiles:
+            message = await self._limits(grammar_type, text)
+            if message is not None:
+                self._remember(key, message)
+                return message
+        if key in self._results:
+            self._results.move_to_end(key)
+            self.hits += 1
+            return self._results[key]
+        job = self._compiles.get(key)
+        if job is None:
+            try:
+                job = _Compile(self._queue.submit(grammar_type, text))
+            except QueueFull:
+                raise OverloadedError(f"Model is overloaded: {self._queue.max_waiting} grammars are waiting to "
+                                      "be compiled; retry later") from None
+            except WorkerError as error:
+                raise GrammarNotSupported(param) from error
+            self._compiles[key] = job
+            self.compiles += 1
+        else:
+            self.hits += 1
+        job.waiters += 1
+        try:
+            await _done(job.future)
+        finally:
+            job.waiters -= 1
+            if job.waiters == 0 and self._queue.abandon(job.future) and self._compiles.get(key) is job:
+                del self._compiles[key]  # nobody waits: dropped before it ran
+        if self._compiles.get(key) is job:
+            del self._compiles[key]
+        error = None if job.future.cancelled() else job.future.exception()
+        if job.future.cancelled() or error is not None:  # closed, or xgrammar / the tokenizer failed
+            log.error("grammar support is unavailable: %s", error or "the compiler is closed")
+            raise GrammarNotSupported(param) from error
+        message = job.future.result()
+        self._remember(key, message)
+        return message
+
+    @staticmethod
+    async def _limits(grammar_type: int, text: str) -> str | None:
+        try:
+            if len(text) > _OFFLOAD_CHARS:
+                await asyncio.to_thread(check_limits, grammar_type, text)
+            else:
+                check_limits(grammar_type, text)
+        except GrammarError as error:
+            return error.message
+        return None
 
     def _remember(self, key, message: str | None) -> None:
         self._results[key] = message
@@ -255,41 +298,42 @@ class GrammarValidator:
         while len(self._results) > self.cache_size:
             self._results.popitem(last=False)
 
-    def _start_init(self) -> Future:
-        with self._lock:
-            if self._ready is None or (self._ready.done() and self._ready.exception() is not None):
-                self._ready = self._executor.submit(self._init)
-            return self._ready
+    # -- lifecycle ------------------------------------------------------------------------
 
-    def warm(self) -> None:
-        """Load xgrammar and the tokenizer info in the background now (optional)."""
-        if not self.disabled:
-            self._start_init()
+    def pinned(self, grammar_type: int, text: str) -> int:
+        """Request handlers holding this grammar pinned on the shards (0 without shards)."""
+        return self._shards.holders(grammar_key(grammar_type, text)) if self._shards is not None else 0
 
-    def _init(self) -> None:
-        import xgrammar as xgr
-        from transformers import PreTrainedTokenizerFast
-
-        backend = self.tokenizer.backend
-        wrapped = PreTrainedTokenizerFast(tokenizer_object=backend)  # deep-copies the backend
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        info = xgr.TokenizerInfo.from_huggingface(wrapped, stop_token_ids=[eos] if eos is not None else None)
-        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-
-    def _compile(self, grammar_type: int, text: str) -> str | None:
-        """None when it compiles, else the reason (runs on the worker thread)."""
-        try:
-            if grammar_type == JSON:
-                json.loads(text)
-            compile_with(self._compiler, grammar_type, text)
-        except json.JSONDecodeError as error:
-            return f"the JSON schema is not valid JSON: {error}"
-        except Exception as error:  # xgrammar: RuntimeError, pydantic's and its own errors
-            return _clean(error)
-        return None
+    def warm(self) -> Future | None:
+        """Start the compile process in the background now (optional); done when it is ready."""
+        return None if self.disabled else self._queue.submit(None)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Kill the compile process and stop its thread; later checks say "not supported"."""
+        self._close()
+
+
+async def _done(future: Future) -> None:
+    """Wait for a concurrent future on the running loop. Cancelling the wait leaves the future
+    alone (others may wait on it; `abandon` decides whether it runs)."""
+    if future.done():
+        return
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def wake(_: Future) -> None:
+        try:
+            loop.call_soon_threadsafe(_set_done, waiter)
+        except RuntimeError:  # that loop is closed: nobody waits there any more
+            pass
+
+    future.add_done_callback(wake)
+    await waiter
+
+
+def _set_done(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 _default: GrammarValidator | None = None
@@ -425,6 +469,7 @@ def _tools(tools: Any) -> list[Tool]:
     if not isinstance(tools, list):
         raise GrammarError("`tools` must be an array", "tools")
     out: list[Tool] = []
+    names: set[str] = set()
     for i, tool in enumerate(tools):
         param = f"tools[{i}]"
         if not isinstance(tool, dict):
@@ -443,8 +488,9 @@ def _tools(tools: Any) -> list[Tool]:
             raise GrammarError(f"invalid tool name {name!r}: use 1 to 64 letters, digits, '_', '-', '.' "
                                "or ':'",
                                f"{param}.function.name")
-        if any(t.name == name for t in out):
+        if name in names:
             raise GrammarError(f"two tools are named `{name}`", f"{param}.function.name")
+        names.add(name)
         # `arguments` is TGI's spelling of `parameters`.
         parameters = function.get("parameters", function.get("arguments"))
         if parameters is None:

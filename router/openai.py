@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from router import grammar
+from router import bounds, grammar
 from router.chat_template import ChatTemplate
 from router.errors import (
     ContextLengthError,
@@ -63,7 +63,10 @@ async def read_openai_json(request: web.Request):
                 "'Content-Type: application/json'.",
                 status=415, code="unsupported_media_type")
     try:
-        return json.loads(await request.read())
+        return bounds.loads(await request.read())
+    except bounds.JsonTooComplex as error:
+        raise InvalidRequestError(f"The JSON body of your request is too complex: {error}.",
+                                  code="invalid_json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidRequestError(f"We could not parse the JSON body of your request: {error}. The API "
                                   "expects a JSON payload.", code="invalid_json") from error
@@ -202,7 +205,8 @@ class Context:
         self.tokens = TokenStrings(state.tokenizer)
         self.limits = OpenAILimits(
             max_stop_sequences=config.max_stop_sequences, max_top_n_tokens=config.max_top_n_tokens,
-            max_client_batch_size=config.max_client_batch_size, vocab_size=state.tokenizer.vocab_size)
+            max_client_batch_size=config.max_client_batch_size, vocab_size=state.vocab_size,
+            max_input_tokens=state.limits.max_input_tokens)
         self.created = int(time.time())
         # Importing transformers' renderer takes seconds: off the loop, and awaited before a render.
         self._warm = asyncio.get_running_loop().run_in_executor(None, self.template.warm_up)
@@ -239,16 +243,19 @@ class Context:
                        top_n: int, what: str, decoder_input_details: bool = False,
                        constraint=None) -> ValidRequest:
         ids = tuple(prompt) if isinstance(prompt, list) else None
-        text = (self.state.tokenizer.decode(ids) or " ") if ids is not None else prompt
         parameters = generate_parameters(sampling, top_n, decoder_input_details)
-        request = GenerateRequest(inputs=text, parameters=parameters, add_special_tokens=add_special_tokens,
-                                  input_ids=ids)
+        # A token-id prompt is decoded only once it is known to fit: decoding is work proportional
+        # to a length the client chose.
+        request = GenerateRequest(inputs=prompt if ids is None else " ", parameters=parameters,
+                                  add_special_tokens=add_special_tokens, input_ids=ids)
         try:
             valid = await self.state.infer.validate(request)
         except ContextLengthError as error:
             raise context_error(error, what) from error
         except ValidationError as error:
             raise InvalidRequestError(error.reason) from error
+        if ids is not None:
+            valid = replace(valid, input_text=self.state.tokenizer.decode(ids))
         params = replace(valid.parameters, logit_bias=sampling.logit_bias, ignore_eos=sampling.ignore_eos,
                          include_stop=False, skip_special_tokens=True)
         if constraint is not None:
@@ -351,7 +358,7 @@ class OpenAIRoutes:
                 valid = await ctx.validate(prompt, sampling, add_special_tokens=True, top_n=req.logprobs or 0,
                                            what="prompt", decoder_input_details=details)
                 prompt_tokens += valid.input_length
-                texts.append(prompt if isinstance(prompt, str) else ctx.state.tokenizer.decode(prompt))
+                texts.append(valid.input_text)
                 valids += per_choice(valid, sampling.n)
                 prompt_indexes += [index] * sampling.n
             permits.cover(len(valids))
@@ -377,12 +384,14 @@ class OpenAIRoutes:
 
     async def _stream(self, request: web.Request, valids, shaper, first: list[dict],
                       shape) -> web.StreamResponse:
-        writer = await SseWriter.open(request)
+        config = self.ctx.state.config
+        writer = await SseWriter.open(request, keep_alive_seconds=config.sse_keep_alive_seconds)
         try:
             for chunk in first:
                 await writer.send(chunk)
             failed = False
-            async with aclosing(merge_streams(self.ctx.state.infer, valids)) as events:
+            events = writer.with_keep_alive(merge_streams(self.ctx.state.infer, valids))
+            async with aclosing(events):
                 async for index, event in events:
                     if isinstance(event, ErrorEvent):
                         await writer.send(event.error.to_openai())
@@ -415,6 +424,7 @@ class OpenAIRoutes:
         """TGI's `/chat_tokenize`: the templated prompt and its tokens (TGI error shape)."""
         chat = parse_chat_request(await read_json(request), self.ctx.limits)
         prompt = await self.ctx.render(chat)
+        self.ctx.state.infer.validator.refuse_certainly_too_long(prompt)
         tokens = await tokenize_with_offsets(self.ctx.state.tokenizer, prompt, add_special_tokens=False)
         return web.json_response({
             "tokenize_response": [{"id": i, "text": prompt[start:stop], "start": start, "stop": stop}

@@ -25,11 +25,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from router import bounds
 from router.errors import InvalidRequestError
 
 MAX_N = 8  # most choices per prompt (each one is a generation: `n` concurrency permits)
 SEED_RANGE = (-(2**63), 2**64 - 1)
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TOKEN_ID = re.compile(r"^[0-9]{1,10}\Z")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema", "json", "regex")
 
 
@@ -38,7 +40,8 @@ class OpenAILimits:
     max_stop_sequences: int
     max_top_n_tokens: int
     max_client_batch_size: int
-    vocab_size: int
+    vocab_size: int  # ids the model can take (its embedding rows and logits, and the tokenizer's)
+    max_input_tokens: int  # also bounds the number of chat messages: each takes a prompt token
     max_n: int = MAX_N
 
 
@@ -161,8 +164,8 @@ def _number(body: dict, name: str, low: float, high: float, *, open_low: bool = 
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _type_error(name, "a number", value)
-    number = float(value)
-    if not math.isfinite(number) or number > high or (number <= low if open_low else number < low):
+    number = bounds.finite_float(value)  # None: NaN, ±inf, or beyond what a proto float holds
+    if number is None or number > high or (number <= low if open_low else number < low):
         interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
         raise _value_error(name, f"expected a number in {interval}, but got {value!r} instead.")
     return number
@@ -203,7 +206,7 @@ def _sampling(body: dict, limits: OpenAILimits, *, max_tokens: int | None,
     s.min_p = _number(body, "min_p", 0.0, 1.0)
     s.typical_p = _number(body, "typical_p", 0.0, 1.0, open_low=True)
     s.repetition_penalty = _number(body, "repetition_penalty", 0.0, math.inf, open_low=True)
-    top_k = _int(body, "top_k")
+    top_k = _int(body, "top_k", -bounds.I32_MAX - 1, bounds.I32_MAX)  # TGI's i32; <= 0 means off
     s.top_k = top_k if top_k is not None and top_k > 0 else None
     s.logit_bias = _logit_bias(body.get("logit_bias"), limits.vocab_size)
     s.stop = _stop(body.get("stop"), limits.max_stop_sequences)
@@ -227,13 +230,15 @@ def _logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
         return ()
     if not isinstance(value, dict):
         raise _type_error("logit_bias", "an object mapping token ids to bias values", value)
+    if len(value) > bounds.MAX_LOGIT_BIAS:
+        raise _value_error("logit_bias", f"at most {bounds.MAX_LOGIT_BIAS} entries are allowed, but got "
+                                         f"{len(value)}.")
     bias = []
     for key, amount in value.items():
-        try:
-            token_id = int(key)
-        except (TypeError, ValueError):
-            raise InvalidRequestError(f"Invalid key in 'logit_bias': {key!r} is not a token id (an integer "
-                                      "string).", "logit_bias", code="invalid_value") from None
+        if not _TOKEN_ID.match(key):
+            raise InvalidRequestError(f"Invalid key in 'logit_bias': {key[:32]!r} is not a token id (an "
+                                      "integer string).", "logit_bias", code="invalid_value")
+        token_id = int(key)
         if not 0 <= token_id < vocab_size:
             raise InvalidRequestError(f"Invalid key in 'logit_bias': token id {token_id} is outside the "
                                       f"vocabulary (0 to {vocab_size - 1}).", "logit_bias",
@@ -255,7 +260,7 @@ def _stop(value: Any, max_stop: int) -> tuple[str, ...]:
     if len(stops) > max_stop:
         raise _value_error("stop", f"at most {max_stop} stop sequences are allowed (--max-stop-sequences), "
                                    f"but got {len(stops)}.")
-    return tuple(stops)
+    return tuple(stops)  # their length is the validator's rule (router/validation.py), for both APIs
 
 
 def _require_object(body: Any) -> dict:
@@ -272,7 +277,7 @@ def parse_chat_request(body: Any, limits: OpenAILimits) -> ChatRequest:
     model = _str(body, "model")
     if body.get("messages") is None:
         raise _missing("messages")
-    messages = _messages(body["messages"])
+    messages = _messages(body["messages"], limits.max_input_tokens)
     if body.get("functions") is not None or body.get("function_call") is not None:
         raise InvalidRequestError("'functions' and 'function_call' are deprecated and not supported; use "
                                   "'tools' and 'tool_choice'.", "functions")
@@ -299,12 +304,16 @@ def parse_chat_request(body: Any, limits: OpenAILimits) -> ChatRequest:
     return request
 
 
-def _messages(value: Any) -> list[dict[str, Any]]:
+def _messages(value: Any, max_messages: int) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise _type_error("messages", "an array", value)
     if not value:
         raise InvalidRequestError("Invalid 'messages': empty array. Expected an array with minimum length 1.",
                                   "messages", code="empty_array")
+    if len(value) > max_messages:
+        # Every message takes at least one prompt token: refused before the template renders them.
+        raise _value_error("messages", f"at most {max_messages} messages fit this model's input limit "
+                                       f"(--max-input-tokens), but got {len(value)}.")
     return [_message(item, f"messages[{i}]") for i, item in enumerate(value)]
 
 
@@ -358,8 +367,6 @@ def _content(content: Any, where: str) -> str:
 def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     """Assistant tool calls; `arguments` (a JSON string) is parsed for the template, as vLLM does,
     since templates render it with `tojson` or iterate over it."""
-    import json
-
     if not isinstance(value, list):
         raise _type_error(where, "an array", value)
     calls = []
@@ -371,9 +378,11 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
         arguments = function.get("arguments")
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments)
+                arguments = bounds.loads(arguments)
+            except bounds.JsonTooComplex as error:
+                raise _value_error(f"{where}[{i}].function.arguments", f"{error}.") from None
             except ValueError:
-                pass  # keep the string: the template decides
+                pass  # not JSON: keep the string, the template decides
         calls.append({**call, "function": {**function, "arguments": arguments}})
     return calls
 
@@ -383,6 +392,8 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
         return None
     if not isinstance(value, list):
         raise _type_error("tools", "an array", value)
+    if len(value) > bounds.MAX_TOOLS:
+        raise _value_error("tools", f"at most {bounds.MAX_TOOLS} tools are allowed, but got {len(value)}.")
     names = set()
     for i, tool in enumerate(value):
         where = f"tools[{i}]"

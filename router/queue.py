@@ -4,13 +4,17 @@ budget, the token budget and the free KV blocks, chunking the last prompt that d
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 
+from router.errors import GenerationError
 from router.kv import KVManager
 from pytgi_proto import generate_pb2 as pb
 from router.request import Entry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,14 @@ class Queue:
             entry = self._entries.popleft()
             if entry.cancelled:
                 continue  # its client is gone; nothing was allocated yet
+            try:
+                # Built before anything is committed: a request that cannot be expressed for the
+                # shards fails alone, holding no blocks, and never reaches a step.
+                message = _to_pb(entry)
+            except (ValueError, TypeError) as error:  # protobuf: a value outside its field's range or type
+                log.error("request %d cannot be sent to the shards: %s", entry.id, error)
+                entry.fail(GenerationError("the request could not be scheduled: a parameter is out of range"))
+                continue
             params = entry.request.parameters
             input_length = entry.request.input_length
             # The last generated token is never fed back, so it needs no KV slot.
@@ -84,8 +96,12 @@ class Queue:
             entry.allocation = allocation
             entry.num_computed = allocation.cache_len + (chunk_len or postfix)
             entry.batched_at = time.monotonic()
+            message.blocks.extend(allocation.blocks)
+            message.cache_len = allocation.cache_len
+            if chunk_len is not None:
+                message.chunk_len = chunk_len
             taken.append(entry)
-            requests.append(_to_pb(entry, chunk_len))
+            requests.append(message)
             prefill_tokens += chunk_len or postfix
             decode_tokens += params.max_new_tokens - 1
             if chunk_len is not None:
@@ -108,7 +124,9 @@ class Queue:
         return NextBatch(taken, batch)
 
 
-def _to_pb(entry: Entry, chunk_len: int | None) -> pb.Request:
+def _to_pb(entry: Entry) -> pb.Request:
+    """The shard request, without its KV placement (blocks, cache_len, chunk_len): those are
+    added once blocks are allocated. ValueError if a value does not fit its proto field."""
     request, params = entry.request, entry.request.parameters
     message = pb.Request(
         id=entry.id,
@@ -125,9 +143,5 @@ def _to_pb(entry: Entry, chunk_len: int | None) -> pb.Request:
         ),
         prefill_logprobs=params.decoder_input_details,
         top_n_tokens=params.top_n_tokens,
-        blocks=entry.allocation.blocks,
-        cache_len=entry.allocation.cache_len,
     )
-    if chunk_len is not None:
-        message.chunk_len = chunk_len
     return message

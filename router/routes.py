@@ -7,6 +7,7 @@ import time
 
 from aiohttp import web
 
+from router import bounds
 from router.errors import UnhealthyError, ValidationError
 from router.infer import Generated
 from router.request import ErrorEvent, Finish, TokenEvent, TokenInfo
@@ -61,7 +62,10 @@ async def read_json(request: web.Request):
     # Parsed from the bytes, as serde_json does: the Content-Type's charset is not trusted (an
     # unknown one made `request.json()` raise LookupError), and invalid UTF-8 is a syntax error.
     try:
-        return json.loads(await request.read())
+        return bounds.loads(await request.read())
+    except bounds.JsonTooComplex as error:
+        raise ValidationError(f"Failed to deserialize the JSON body into the target type: {error}",
+                              prefix=False) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         error_400 = ValidationError(f"Failed to parse the request body as JSON: {error}", prefix=False)
         error_400.status = 400  # a syntax error, not a wrong shape (axum: 400 vs 422)
@@ -161,8 +165,9 @@ class TgiRoutes:
         try:
             valid = await infer.validate(body)
             writer = await SseWriter.open(request, {
-                "x-compute-type": COMPUTE_TYPE, "x-compute-characters": str(len(valid.input_text))})
-            events = infer.stream(valid)
+                "x-compute-type": COMPUTE_TYPE, "x-compute-characters": str(len(valid.input_text))},
+                keep_alive_seconds=state.config.sse_keep_alive_seconds)
+            events = writer.with_keep_alive(infer.stream(valid))
             try:
                 async for event in events:
                     await writer.send(self._stream_event(event, valid.parameters.details))
@@ -193,7 +198,9 @@ class TgiRoutes:
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = parse_generate_request(await read_json(request), compat=False)
-        tokens = await tokenize_with_offsets(request.app[STATE].tokenizer, body.inputs)
+        state = request.app[STATE]
+        state.infer.validator.refuse_certainly_too_long(body.inputs)
+        tokens = await tokenize_with_offsets(state.tokenizer, body.inputs)
         return web.json_response([
             {"id": token_id, "text": body.inputs[start:stop], "start": start, "stop": stop}
             for token_id, start, stop in tokens

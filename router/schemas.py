@@ -18,10 +18,10 @@ wants determinism already sends `parameters`. `"parameters": null` is a type err
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from router import bounds
 from router.errors import ValidationError
 
 _DESERIALIZE = "Failed to deserialize the JSON body into the target type: "
@@ -128,10 +128,11 @@ def _int(path: str, value: Any, kind: str) -> int:
 def _float(path: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid_type(path, value, "f32")
-    number = float(value)
-    if not math.isfinite(number):
-        # Python's json accepts NaN/Infinity and overflows to inf; serde_json rejects both.
-        raise _TypeMismatch(path, f"invalid value: floating point `{value!r}`, expected f32")
+    number = bounds.finite_float(value)
+    if number is None:
+        # Python's json accepts NaN/Infinity and reads 1e999 as inf; serde_json rejects them, and a
+        # value past f32's range would travel to the shards as inf.
+        raise _TypeMismatch(path, f"invalid value: {_unexpected(value)}, expected f32")
     return number
 
 

@@ -101,6 +101,11 @@ class AppState:
             max_batch_prefill_tokens=prefill_tokens, max_batch_total_tokens=warm.max_supported_total_tokens,
             num_blocks=warm.num_blocks, block_size=warm.block_size,
         )
+        if info.max_position_embeddings and limits.max_total_tokens > info.max_position_embeddings:
+            # Positions past the model's would index past its rotary / position tables inside a
+            # shared step: refused here rather than failing every batch that reaches them.
+            raise ValueError(f"`max_total_tokens` ({limits.max_total_tokens}) exceeds the model's "
+                             f"`max_position_embeddings` ({info.max_position_embeddings})")
         if limits.max_total_tokens > limits.max_batch_total_tokens:
             raise ValueError(f"`max_total_tokens` ({limits.max_total_tokens}) exceeds the KV cache capacity "
                              f"({limits.max_batch_total_tokens} tokens); lower it or give the cache more memory")
@@ -120,17 +125,26 @@ class AppState:
             waiting_served_ratio=config.waiting_served_ratio, max_waiting_tokens=config.max_waiting_tokens,
             support_chunking=info.support_chunking,
         ), metrics)
+        # Shards that cannot enforce a grammar make the router reject grammars, not drop them.
+        no_grammar = config.disable_grammar_support or not info.supports_grammar
+        # The shards compile each grammar before its request is queued, never in a step.
+        grammar_validator = grammar.GrammarValidator(tokenizer, disabled=no_grammar, shards=client)
         validator = Validator(tokenizer, ValidationLimits(
             max_best_of=config.max_best_of, max_stop_sequences=config.max_stop_sequences,
             max_top_n_tokens=config.max_top_n_tokens, max_input_tokens=limits.max_input_tokens,
-            max_total_tokens=limits.max_total_tokens,
-            # Shards that cannot enforce a grammar make the router reject grammars, not drop them.
-            disable_grammar_support=config.disable_grammar_support or not info.supports_grammar,
-        ))
+            max_total_tokens=limits.max_total_tokens, disable_grammar_support=no_grammar,
+        ), grammar_validator)
         grammar.set_default(validator.grammar)  # what grammar.constraint_for (OpenAI routes) uses
         infer = Infer(validator, tokenizer, queue, metrics, config.max_concurrent_requests,
                       request_timeout=config.request_timeout, tracer=tracer)
         return cls(config, client, info, tokenizer, limits, metrics, batcher, infer)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may name (prompt ids, logit_bias keys): those both the tokenizer
+        and the model know. An id past the model's embedding or logits would fail a shared step."""
+        model = self.shard_info.vocab_size
+        return min(self.tokenizer.vocab_size, model) if model else self.tokenizer.vocab_size
 
     @property
     def tracer(self) -> Tracer | None:
@@ -143,6 +157,7 @@ class AppState:
         if self.batcher_task is not None:
             self.batcher_task.cancel()
             await asyncio.gather(self.batcher_task, return_exceptions=True)
+        self.infer.validator.grammar.close()  # its compile process ends with the router
         await self.client.close()
         if self.tracer is not None:
             await self.tracer.shutdown()

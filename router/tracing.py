@@ -204,7 +204,9 @@ class Tracer:
         if end is None:
             span.set_attribute("pytgi.cancelled", True)
         elif isinstance(end, ErrorEvent):
-            span.set_status(self._trace.StatusCode.ERROR, end.error.message)
+            detail = getattr(end.error, "detail", None)  # the inside story, for operators only
+            span.set_status(self._trace.StatusCode.ERROR, f"{end.error.message} ({detail})" if detail
+                            else end.error.message)
         elif end.finish is not None:
             span.set_attribute("gen_ai.response.finish_reasons", (end.finish.finish_reason,))
 

@@ -16,7 +16,8 @@ stream checks of `server.rs::generate_stream_internal`:
 
 Deliberate differences from TGI (the messages of rejected values stay TGI's, word for word,
 because clients and tests compare them):
-- `temperature == 0` is accepted and means greedy (OpenAI convention; TGI rejects it). The
+- `temperature == 0` is accepted and means greedy (OpenAI convention; TGI rejects it), and so
+  does any temperature below MIN_TEMPERATURE (TGI's shards would divide into NaN). The
   resolved parameters are then do_sample=False with every warper neutral, so no shard can sample.
 - `top_p == 1.0` is accepted and means "off" (OpenAI clients send it; TGI rejects it).
 - `presence_penalty` ∈ [-2, 2] and `min_p` ∈ [0, 1] are extra knobs TGI's /generate lacks.
@@ -30,7 +31,8 @@ because clients and tests compare them):
   not supported", never silently ignored. A `json` schema need not have `properties` (TGI
   requires it); failures read "grammar is not valid: <reason>".
 - `adapter_id` is parsed but not used (no LoRA adapters yet).
-- Stop sequences are matched on the generated text (router side), not token ids.
+- Stop sequences are matched on the generated text (router side), not token ids; each is at most
+  MAX_STOP_CHARS characters long (router/bounds.py): every token is matched against all of them.
 
 `ValidParameters.do_sample` is the *effective* choice (TGI's shard rule: `do_sample` or any
 active warper; ours adds temperature 0 ⇒ greedy), so the router knows whether to report a seed.
@@ -40,10 +42,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from router import bounds
 from router.errors import ContextLengthError, ValidationError
 from router.grammar import GrammarError, GrammarNotSupported, GrammarValidator, native_grammar
 from router.schemas import GenerateParameters, GenerateRequest
 from router.tokenizer import Tokenizer
+
+
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +117,11 @@ class Validator:
         self.limits = limits
         self.grammar = grammar or GrammarValidator(tokenizer, disabled=limits.disable_grammar_support)
 
-    def _refuse_certainly_too_long(self, inputs: str, max_new_tokens: int | None) -> None:
+    def refuse_certainly_too_long(self, inputs: str, max_new_tokens: int | None = None) -> None:
         """Refuse without tokenizing an input that cannot fit whatever its exact token count:
         tokenization work per request is then bounded by the model's context, not by
-        --payload-limit. (With `truncate`, any length is valid and the text must be tokenized.)"""
+        --payload-limit. (With `truncate`, any length is valid and the text must be tokenized.)
+        /tokenize and /chat_tokenize apply it too: they tokenize prompts, not arbitrary documents."""
         limit = self.limits.max_total_tokens
         at_least = self.tokenizer.min_num_tokens(inputs)
         if at_least > limit:
@@ -138,7 +145,9 @@ class Validator:
             _check(0 < best_of <= limits.max_best_of,
                    f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}")
 
-        greedy_by_temperature = p.temperature == 0.0
+        # Below MIN_TEMPERATURE the scaled logits overflow a float and the softmax is NaN; the
+        # limit of ever smaller temperatures is argmax, so that is what they mean (vLLM: the same).
+        greedy_by_temperature = p.temperature is not None and 0.0 <= p.temperature < MIN_TEMPERATURE
         # TGI's rule: sampling was asked for if do_sample or any warper field is present.
         sampling_requested = not greedy_by_temperature and (
             p.do_sample or p.temperature is not None or p.top_k is not None or p.top_p is not None
@@ -175,6 +184,9 @@ class Validator:
         stop = tuple(p.stop)
         _check(len(stop) <= limits.max_stop_sequences,
                f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}")
+        longest = max(map(len, stop), default=0)
+        _check(longest <= bounds.MAX_STOP_CHARS,
+               f"a stop sequence must be at most {bounds.MAX_STOP_CHARS} characters long. Given: {longest}")
 
         _check(p.seed is None or best_of <= 1, "`seed` must not be set when `best_of` > 1")
 
@@ -192,7 +204,7 @@ class Validator:
             ids = list(request.input_ids)  # already tokens (OpenAI completions' token-id prompts)
         else:
             if truncate is None:
-                self._refuse_certainly_too_long(request.inputs, p.max_new_tokens)
+                self.refuse_certainly_too_long(request.inputs, p.max_new_tokens)
             try:
                 ids = await self.tokenizer.aencode(request.inputs, request.add_special_tokens)
             except Exception as error:  # the Rust tokenizer's failures surface as exceptions

@@ -12,6 +12,11 @@ Flow per request (`NextTokenChooserParameters.grammar` / `grammar_type`):
   tokenizer's vocabulary are never allowed) with the model's EOS ids as stop tokens, and keeps
   compiled grammars in an LRU keyed by (type, sha256(text)). A grammar that does not compile is
   a ValueError (the servicer answers INVALID_ARGUMENT).
+- Compiles never hold up the engine thread: the router announces each grammar before queueing
+  its request (CompileGrammar → `Grammars.prepare`), which compiles it on the grammar thread
+  within the router's deadline and pins it until the router releases it (ReleaseGrammar), after
+  the request's end. Prefill then finds it cached. Only a grammar nobody announced (direct
+  engine use in tests and benchmarks) is compiled where it is first needed.
 - Each request gets a `GrammarState` (its matcher) on its `RequestState`, so it follows the
   request through filter and concatenate.
 - Each step, `step_mask` fills the bitmask of every constrained row that samples; the sampler
@@ -30,6 +35,7 @@ validation (router/grammar.py) mirrors them, and a test keeps the two equal.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
 import json
@@ -38,6 +44,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +59,8 @@ log = logging.getLogger(__name__)
 JSON_SCHEMA_OPTIONS = {"any_whitespace": False, "strict_mode": True}
 GRAMMAR_TYPES = {pb.GRAMMAR_TYPE_JSON: "json", pb.GRAMMAR_TYPE_REGEX: "regex",
                  pb.GRAMMAR_TYPE_STRUCTURAL_TAG: "structural_tag"}
-CACHE_SIZE = 64
+CACHE_SIZE = 64  # unpinned compiled grammars kept
+REJECTED_SIZE = 1024  # grammars remembered as refused
 
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: ".
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
@@ -60,6 +68,10 @@ _CPP_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
 
 class GrammarError(ValueError):
     """The grammar cannot be compiled (a client error: INVALID_ARGUMENT)."""
+
+
+class GrammarTimeout(TimeoutError):
+    """The compile overran its deadline (DEADLINE_EXCEEDED)."""
 
 
 def available() -> bool:
@@ -97,8 +109,28 @@ def tokenizer_info(tokenizer, vocab_size: int | None, stop_ids: Iterable[int]):
     return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stops or None)
 
 
+def grammar_key(grammar_type: int, text: str) -> tuple[int, bytes]:
+    """What compiled grammars are cached by (the router's router.grammar.grammar_key too)."""
+    return grammar_type, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+@dataclass(eq=False, slots=True)
+class _Compile:
+    """A compile queued on (or running on) the grammar thread."""
+
+    started: Future  # set when the compile itself starts (the deadline counts from there)
+    done: Future  # the compiled grammar, or GrammarError
+
+
 class Grammars:
-    """The engine's grammar compiler: lazy tokenizer, LRU of compiled grammars."""
+    """The engine's grammar compiler: lazy tokenizer, LRU of compiled grammars with pins.
+
+    `prepare` (the CompileGrammar RPC) compiles on this object's own grammar thread and pins
+    the result; `release` (ReleaseGrammar) unpins it. Pinned grammars are never evicted, so
+    `compile` / `state` on the engine thread (Prefill) hit the cache for every request the
+    router prepared. A miss there (direct engine use: tests, benchmarks) compiles inline.
+    Unpinned grammars stay cached, LRU, up to `capacity`. Pinned ones number at most the
+    distinct grammars of the router's requests in flight."""
 
     def __init__(self, model_path: Path | str, vocab_size: int, stop_ids: Iterable[int], *,
                  trust_remote_code: bool = False, capacity: int = CACHE_SIZE):
@@ -108,9 +140,15 @@ class Grammars:
         self.trust_remote_code = trust_remote_code
         self.capacity = capacity
         self._compiler = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the compiler's lazy construction
+        self._cache_lock = threading.Lock()  # everything below: the engine and grammar threads share it
         self._cache: OrderedDict[tuple[int, bytes], object] = OrderedDict()
-        self.hits = self.misses = 0
+        self._pins: dict[tuple[int, bytes], int] = {}
+        self._compiling: dict[tuple[int, bytes], _Compile] = {}
+        # Grammars refused for good: they overran their deadline, or do not compile.
+        self._rejected: OrderedDict[tuple[int, bytes], str] = OrderedDict()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        self.hits = self.misses = self.inline_compiles = 0
 
     @property
     def available(self) -> bool:
@@ -133,24 +171,116 @@ class Grammars:
             return self._compiler
 
     def compile(self, grammar_type: int, text: str):
-        key = (grammar_type, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
-        compiled = self._cache.get(key)
-        if compiled is not None:
-            self._cache.move_to_end(key)
-            self.hits += 1
-            return compiled
-        self.misses += 1
+        """The compiled grammar: from the cache, else the compile in progress on the grammar
+        thread, else compiled here (inline: only for grammars nobody prepared)."""
+        key = grammar_key(grammar_type, text)
+        with self._cache_lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return compiled
+            self.misses += 1
+            rejected = self._rejected.get(key)
+            job = self._compiling.get(key)
+        if rejected is not None:
+            raise GrammarError(rejected)
+        if job is not None:
+            return job.done.result()  # started before us: waiting is shorter than compiling again
+        self.inline_compiles += 1
+        log.warning("compiling a grammar nobody prepared (CompileGrammar), on the calling thread")
         compiled = compile_grammar(self.compiler(), grammar_type, text)
-        self._cache[key] = compiled
-        if len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
+        with self._cache_lock:
+            self._insert(key, compiled)
         return compiled
+
+    async def prepare(self, grammar_type: int, text: str, timeout_s: float | None) -> None:
+        """Compile on the grammar thread (the caller's event loop keeps running) and pin the
+        result. GrammarError if it does not compile; GrammarTimeout if the compile itself
+        takes longer than `timeout_s` (the grammar is then refused from now on)."""
+        key = grammar_key(grammar_type, text)
+        while True:
+            with self._cache_lock:
+                if key in self._cache:
+                    self._pins[key] = self._pins.get(key, 0) + 1
+                    self._cache.move_to_end(key)
+                    return
+                if key in self._rejected:
+                    raise GrammarError(self._rejected[key])
+                job = self._compiling.get(key)
+                if job is None:
+                    job = self._compiling[key] = _Compile(Future(), Future())
+                    self._thread.submit(self._run, key, job, grammar_type, text)
+            # shield: a cancelled RPC must not cancel a compile others may share.
+            await asyncio.shield(asyncio.wrap_future(job.started))
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.done)), timeout_s)
+            except TimeoutError:  # asyncio's, since Python 3.11
+                message = f"compiling the grammar took longer than {timeout_s:g} s"
+                with self._cache_lock:
+                    self._reject(key, message)
+                raise GrammarTimeout(message) from None
+            # Compiled and cached: pin it on the next pass (it was evicted meanwhile if not).
+
+    def release(self, grammar_type: int, grammar_sha256: bytes) -> None:
+        """Drop one pin (a release without a pin is ignored)."""
+        key = (grammar_type, bytes(grammar_sha256))
+        with self._cache_lock:
+            count = self._pins.pop(key, 0)
+            if count > 1:
+                self._pins[key] = count - 1
+            self._evict()
+
+    def pins(self, grammar_type: int, text: str) -> int:
+        with self._cache_lock:
+            return self._pins.get(grammar_key(grammar_type, text), 0)
+
+    def _run(self, key, job: _Compile, grammar_type: int, text: str) -> None:
+        """On the grammar thread."""
+        try:
+            compiler = self.compiler()  # loading the tokenizer is not the grammar's time
+            job.started.set_result(None)
+            compiled = compile_grammar(compiler, grammar_type, text)
+        except BaseException as error:
+            with self._cache_lock:
+                if isinstance(error, GrammarError) and job.started.done():
+                    self._reject(key, str(error))  # it will not compile next time either
+                self._compiling.pop(key, None)
+            if not job.started.done():
+                job.started.set_result(None)
+            job.done.set_exception(error)
+            return
+        with self._cache_lock:
+            if key not in self._rejected:  # not if its deadline passed meanwhile
+                self._insert(key, compiled)
+            self._compiling.pop(key, None)
+        job.done.set_result(compiled)
+
+    def _insert(self, key, compiled) -> None:
+        self._cache[key] = compiled
+        self._cache.move_to_end(key)
+        self._evict()
+
+    def _evict(self) -> None:
+        """Oldest unpinned grammars first, until at most `capacity` are unpinned."""
+        unpinned = [k for k in self._cache if k not in self._pins]
+        for k in unpinned[:max(len(unpinned) - self.capacity, 0)]:
+            del self._cache[k]
+
+    def _reject(self, key, message: str) -> None:
+        self._rejected[key] = message
+        self._rejected.move_to_end(key)
+        while len(self._rejected) > REJECTED_SIZE:
+            self._rejected.popitem(last=False)
 
     def state(self, grammar_type: int, text: str) -> "GrammarState":
         import xgrammar as xgr
 
         compiled = self.compile(grammar_type, text)
         return GrammarState(xgr.GrammarMatcher(compiled), self.stop_ids, self.vocab_size)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(slots=True, eq=False)

@@ -26,7 +26,8 @@ from pytgi_proto import generate_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-_STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT, KeyError: grpc.StatusCode.NOT_FOUND}
+_STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT, KeyError: grpc.StatusCode.NOT_FOUND,
+           TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def _rpc(method):
@@ -86,6 +87,19 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
     async def Health(self, request, context):
         await self._run(self.engine.health)
         return pb.HealthResponse()
+
+    # Grammars compile on their own thread (Grammars.prepare), never the engine's: the steps of
+    # the requests already running go on while a new request's grammar compiles.
+    @_rpc
+    async def CompileGrammar(self, request, context):
+        timeout_s = request.timeout_ms / 1000 if request.timeout_ms else None
+        await self.engine.grammars.prepare(request.grammar_type, request.grammar, timeout_s)
+        return pb.CompileGrammarResponse()
+
+    @_rpc
+    async def ReleaseGrammar(self, request, context):
+        self.engine.grammars.release(request.grammar_type, request.grammar_sha256)
+        return pb.ReleaseGrammarResponse()
 
 
 async def serve(load_engine: Callable[[], Engine], config: ShardConfig) -> None:

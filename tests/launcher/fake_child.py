@@ -53,6 +53,8 @@ def main() -> None:
 
     print(f"{name} starting RANK={rank} WORLD_SIZE={os.environ.get('WORLD_SIZE')} "
           f"MASTER_PORT={os.environ.get('MASTER_PORT')} argv={sys.argv[2:]}", flush=True)
+    if os.environ.get("API_KEY"):
+        print(f"{name} has an API_KEY of {len(os.environ['API_KEY'])} characters", flush=True)
     if opts.json:
         print(json.dumps({"level": "INFO", "target": "fake", "message": f"{name} json line"}), flush=True)
     print(f"{name} a warning on stderr", file=sys.stderr, flush=True)

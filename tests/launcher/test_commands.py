@@ -74,13 +74,24 @@ def test_router_argv_with_every_option_set():
         "--max-concurrent-requests", "10", "--max-best-of", "3", "--max-stop-sequences", "2",
         "--max-top-n-tokens", "7", "--max-total-tokens", "200", "--waiting-served-ratio", "1.2",
         "--max-batch-prefill-tokens", "512", "--max-batch-total-tokens", "4096", "--max-waiting-tokens", "10",
-        "--max-batch-size", "4", "--validation-workers", "3", "--api-key", "k",
+        "--max-batch-size", "4", "--validation-workers", "3",
         "--cors-allow-origin", "https://a", "--cors-allow-origin", "https://b", "--json-output",
         "--otlp-endpoint", "http://otel:4317", "--otlp-service-name", "svc", "--payload-limit", "1000",
         "--max-client-batch-size", "2", "--disable-grammar-support", "--tokenizer-config-path", "/t.json",
         "--disable-prefix-caching", "--api-key-file", "/keys", "--request-timeout", "30.0",
         "--graceful-termination-timeout", "20", "--client-header-timeout", "5.0", "--client-body-timeout", "10.0",
     ]
+
+
+def test_api_key_reaches_the_router_through_its_environment_not_its_argv():
+    args = LauncherArgs(shard_uds_path="/tmp/p", api_key="s3cret", explicit=frozenset({"api_key"}))
+    assert not any("s3cret" in arg or arg == "--api-key" for arg in commands.build_router_argv(args))
+    base = {"PATH": "/bin", "API_KEY": "s3cret"}  # the launcher's own env, when the key came from there
+    assert commands.router_env(args, base)["API_KEY"] == "s3cret"
+    # No other child gets it; nor does the router when no key is set.
+    assert "API_KEY" not in commands.shard_env(args, 0, 1, base)
+    assert "API_KEY" not in commands.child_env(args, base)
+    assert "API_KEY" not in commands.router_env(LauncherArgs(shard_uds_path="/tmp/p"), {"API_KEY": ""})
 
 
 def test_router_argv_false_flags_are_omitted():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher import commands
 from launcher.supervisor import Supervisor
 
 from .conftest import FAKE, alive, wait_until
@@ -227,13 +228,44 @@ def test_launcher_killed_with_sigkill_takes_its_children_down(harness):
     assert wait_until(lambda: not any(alive(pid) for pid in children.values()), 5)
 
 
-def test_router_api_key_is_not_logged(harness):
-    supervisor = harness.supervisor()
-    supervisor.router_cmd = lambda a: harness.fake("router", "--port", str(a.port), "--api-key", "s3cret")
+def test_router_api_key_is_in_its_environment_never_in_argv_or_logs(harness):
+    args = harness.args(api_key="s3cret", explicit=frozenset({"api_key"}))
+    supervisor = harness.supervisor(args=args)
+    # The real router argv, given to the fake router (it ignores the options it does not know).
+    supervisor.router_cmd = lambda a: harness.fake("router", "--port", str(a.port),
+                                                   *commands.build_router_argv(a)[1:])
     run = harness.run(supervisor, when="ready:", action=sigterm_self)
-    assert run.code == 0
-    starting = next(line for line in run.output.splitlines() if "starting router:" in line)
-    assert starting.endswith("--api-key ***") and "s3cret" not in starting
+    assert run.code == 0, run.output
+    assert "starting router:" in run.output and "s3cret" not in run.output
+    assert "[router] router has an API_KEY of 6 characters" in run.output
+    assert "shard-0 has an API_KEY" not in run.output
+
+
+def test_missing_shard_uds_dir_is_created_private(harness):
+    prefix = harness.root / "new" / "sockets" / "s"
+    supervisor = harness.supervisor(args=harness.args(shard_uds_path=str(prefix)))
+    run = harness.run(supervisor, when="ready:", action=sigterm_self)
+    assert run.code == 0 and "ready:" in run.output, run.output
+    assert prefix.parent.stat().st_mode & 0o777 == 0o700
+    harness.assert_no_orphans()
+
+
+def test_uncreatable_shard_uds_dir_is_one_error_line(harness, monkeypatch):
+    in_the_way = harness.root / "file"
+    in_the_way.write_text("")
+    run = harness.run(harness.supervisor(args=harness.args(shard_uds_path=str(in_the_way / "s"))))
+    lines = run.output.strip().splitlines()
+    assert run.code == 1 and len(lines) == 1 and lines[0].endswith(
+        f"ERROR --shard-uds-path {in_the_way}/s: cannot create the directory {in_the_way}: File exists")
+    assert not harness.pids()  # nothing started
+
+    def refuse(path, mode, exist_ok):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "makedirs", refuse)  # as root, permissions cannot refuse anything
+    run = harness.run(harness.supervisor(args=harness.args(shard_uds_path="/srv/pytgi/s")))
+    assert run.code == 1 and run.output.rstrip().endswith(
+        "ERROR --shard-uds-path /srv/pytgi/s: cannot create the directory /srv/pytgi: Permission denied")
 
 
 def test_launcher_exception_still_stops_started_children(harness):

@@ -64,6 +64,7 @@ class FakeState:
         self.config, self.tokenizer, self.infer, self.metrics = config, tokenizer, infer, infer.metrics
         self.limits = Limits(max_input_tokens=1000, max_total_tokens=2048, max_batch_prefill_tokens=512,
                              max_batch_total_tokens=4096, num_blocks=256, block_size=16)
+        self.vocab_size = tokenizer.vocab_size
         self.tracer = None
 
     def start(self) -> None:

@@ -11,7 +11,8 @@ from router.chat_template import ChatTemplate
 from router.errors import TemplateError
 from router.openai_schemas import OpenAILimits, parse_chat_request
 
-LIMITS = OpenAILimits(max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=49152)
+LIMITS = OpenAILimits(max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=49152,
+                      max_input_tokens=4096)
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",

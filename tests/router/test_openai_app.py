@@ -15,6 +15,7 @@ from router.errors import GenerationError
 from router.infer import Infer
 from router.metrics import Metrics
 from router.request import ErrorEvent, Finish, TokenEvent, TokenInfo
+from router.state import Limits
 from router.validation import ValidationLimits, Validator
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -76,7 +77,9 @@ class ScriptedInfer(Infer):
 class State:
     def __init__(self, cfg, tokenizer, infer):
         self.config, self.tokenizer, self.infer, self.metrics = cfg, tokenizer, infer, infer.metrics
-        self.limits = "scripted"
+        self.limits = Limits(max_input_tokens=1000, max_total_tokens=2048, max_batch_prefill_tokens=512,
+                             max_batch_total_tokens=4096, num_blocks=256, block_size=16)
+        self.vocab_size = tokenizer.vocab_size
 
     def start(self):
         pass

@@ -9,7 +9,8 @@ from router.openai import context_error, generate_parameters, per_choice
 from router.openai_schemas import OpenAILimits, Sampling, parse_chat_request, parse_completion_request
 from tests.router.helpers import valid_request
 
-LIMITS = OpenAILimits(max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=1000)
+LIMITS = OpenAILimits(max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=1000,
+                      max_input_tokens=64)
 USER = [{"role": "user", "content": "hi"}]
 
 

@@ -131,7 +131,8 @@ def test_the_error_classes_match_the_documented_envelopes(error):
 
 def test_documented_request_bodies_parse_and_parsed_bodies_validate():
     openai_limits = OpenAILimits(
-        max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=LIMITS.vocab_size
+        max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=LIMITS.vocab_size,
+        max_input_tokens=1024,
     )
     generate = {
         "inputs": "Hi",

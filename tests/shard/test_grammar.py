@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
+import grpc
 import jsonschema
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from pytgi_proto import generate_pb2 as pb
-from shard.grammar import GrammarMask, Grammars, step_mask
+from pytgi_proto import generate_pb2_grpc
+from router.grammar import GrammarError as RouterGrammarError
+from shard.grammar import GrammarError, GrammarMask, Grammars, step_mask
 from shard.model_source import resolve_model
 from tests.conftest import default_cache_dir, make_engine
 from tests.shard.helpers import BlockPool, chat, collect, generate, greedy_request, run_to_completion
@@ -227,3 +235,181 @@ def test_unconstrained_batches_skip_grammar_work(engine, smol):
     batch = Batch.from_pb(pb.Batch(id=3, requests=[greedy_request(1, chat(tokenizer, "hi"), 4, BlockPool(BLOCK))]),
                           49152, torch.device("cpu"), engine.grammars)
     assert not batch.has_grammar and batch.grammar_mask([0]) is None
+
+
+# --------------------------------------------------- compiles off the engine thread, pinned
+
+
+class Context:
+    """The part of grpc.aio's ServicerContext the servicer uses: abort."""
+
+    def __init__(self):
+        self.code = None
+
+    async def abort(self, code, details):
+        self.code = code
+        raise RuntimeError(details)
+
+
+def sha256(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+@pytest.fixture
+def gated_compiles(monkeypatch):
+    """Compiles of grammars in `gated.slow` block until `gated.gate` is set; every compile's
+    thread name is recorded."""
+    import shard.grammar as grammar_module
+
+    real = grammar_module.compile_grammar
+    gated = SimpleNamespace(slow=set(), gate=threading.Event(), entered=threading.Event(), threads=[])
+
+    def compile_grammar(compiler, grammar_type, text):
+        gated.threads.append((text, threading.current_thread().name))
+        if text in gated.slow:
+            gated.entered.set()
+            gated.gate.wait(60)
+        return real(compiler, grammar_type, text)
+
+    monkeypatch.setattr(grammar_module, "compile_grammar", compile_grammar)
+    yield gated
+    gated.gate.set()
+
+
+def test_pinned_grammars_are_never_evicted(smol):
+    grammars = Grammars(smol[0], 49152, [2], capacity=1)
+    asyncio.run(grammars.prepare(pb.GRAMMAR_TYPE_REGEX, "p+", None))
+    for text in ("q+", "r+", "s+"):
+        grammars.compile(pb.GRAMMAR_TYPE_REGEX, text)
+    hits = grammars.hits
+    grammars.compile(pb.GRAMMAR_TYPE_REGEX, "p+")
+    assert grammars.hits == hits + 1  # pinned: kept past the capacity of unpinned grammars
+    grammars.release(pb.GRAMMAR_TYPE_REGEX, sha256("p+"))
+    grammars.compile(pb.GRAMMAR_TYPE_REGEX, "t+")  # now it is the oldest unpinned one
+    misses = grammars.misses
+    grammars.compile(pb.GRAMMAR_TYPE_REGEX, "p+")
+    assert grammars.misses == misses + 1
+    grammars.close()
+
+
+def test_compile_grammar_runs_off_the_engine_thread_then_prefill_hits(engine, smol, gated_compiles):
+    from shard.server import TextGenerationService
+
+    _, tokenizer = smol
+    email = r"[a-z]{1,12}@example\.com"
+    gated_compiles.slow.add(email)
+    executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+    service, ctx = TextGenerationService(engine, [], executor), Context()
+    pool = BlockPool(BLOCK)
+
+    async def run_batch(batch_id: int, requests: list[pb.Request]) -> dict[int, list[int]]:
+        outputs: dict[int, list[int]] = {}
+        response = await service.Prefill(pb.PrefillRequest(batch=pb.Batch(id=batch_id, requests=requests)), ctx)
+        collect(response.generations, outputs)
+        while response.HasField("batch"):
+            response = await service.Decode(pb.DecodeRequest(batches=[response.batch]), ctx)
+            collect(response.generations, outputs)
+        return outputs
+
+    async def scenario():
+        request = pb.CompileGrammarRequest(grammar_type=pb.GRAMMAR_TYPE_REGEX, grammar=email, timeout_ms=60_000)
+        compiling = asyncio.ensure_future(service.CompileGrammar(request, ctx))
+        await asyncio.get_running_loop().run_in_executor(None, gated_compiles.entered.wait, 60)
+        # While the grammar compiles, the engine serves Health and a whole generation.
+        await service.Health(pb.HealthRequest(), ctx)
+        outputs = await run_batch(70, [greedy_request(1, chat(tokenizer, "Name a color."), 3, pool)])
+        assert len(outputs[1]) == 3 and not compiling.done()
+        gated_compiles.gate.set()
+        await compiling
+        assert engine.grammars.pins(pb.GRAMMAR_TYPE_REGEX, email) == 1
+        inline = engine.grammars.inline_compiles
+        outputs = await run_batch(71, [constrained(2, chat(tokenizer, "Your email?"), 20, pool, email,
+                                                   pb.GRAMMAR_TYPE_REGEX)])
+        assert re.fullmatch(email, tokenizer.decode(outputs[2]))
+        # Compiled once, on the grammar thread; the Prefill found it in the cache.
+        assert [name for text, name in gated_compiles.threads if text == email] == ["grammar_0"]
+        assert engine.grammars.inline_compiles == inline
+        await service.ReleaseGrammar(pb.ReleaseGrammarRequest(grammar_type=pb.GRAMMAR_TYPE_REGEX,
+                                                              grammar_sha256=sha256(email)), ctx)
+        assert engine.grammars.pins(pb.GRAMMAR_TYPE_REGEX, email) == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        executor.shutdown()
+
+
+def test_a_shard_compile_past_its_deadline_is_refused_for_good(engine, gated_compiles):
+    from shard.server import TextGenerationService
+
+    late = r"late[0-9]{2}"
+    gated_compiles.slow.add(late)
+    service, ctx = TextGenerationService(engine, [], ThreadPoolExecutor(1)), Context()
+
+    async def scenario():
+        request = pb.CompileGrammarRequest(grammar_type=pb.GRAMMAR_TYPE_REGEX, grammar=late, timeout_ms=200)
+        with pytest.raises(RuntimeError, match="took longer than 0.2 s"):
+            await service.CompileGrammar(request, ctx)
+        assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    asyncio.run(scenario())
+    assert engine.grammars.pins(pb.GRAMMAR_TYPE_REGEX, late) == 0
+    # A Prefill with it fails at once (no compile on the engine thread), even once the overrun ends.
+    with pytest.raises(GrammarError, match="took longer than 0.2 s"):
+        engine.grammars.compile(pb.GRAMMAR_TYPE_REGEX, late)
+    gated_compiles.gate.set()
+    asyncio.run(engine.grammars.prepare(pb.GRAMMAR_TYPE_REGEX, "after", None))  # queued behind it: it ended
+    engine.grammars.release(pb.GRAMMAR_TYPE_REGEX, sha256("after"))
+    with pytest.raises(GrammarError, match="took longer than 0.2 s"):
+        engine.grammars.compile(pb.GRAMMAR_TYPE_REGEX, late)
+    assert [text for text, _ in gated_compiles.threads].count(late) == 1
+    service.executor.shutdown()
+
+
+def test_router_prepares_grammars_on_the_shards_over_grpc(engine, smol, gated_compiles, tmp_path):
+    from router.client import ShardClient, ShardedClient
+    from router.grammar import GrammarValidator
+    from router.tokenizer import Tokenizer
+    from shard.server import TextGenerationService
+
+    phone, late = r"\+33 [0-9]{9}", r"\+44 [0-9]{10}"
+    gated_compiles.slow.add(late)
+    tokenizer = Tokenizer.from_folder(smol[0])
+    executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+    socket = tmp_path / "shard.sock"
+
+    async def scenario():
+        server = grpc.aio.server()
+        generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(
+            TextGenerationService(engine, [], executor), server)
+        server.add_insecure_port(f"unix://{socket}")
+        await server.start()
+        client = ShardedClient([ShardClient(str(socket))])
+        validator = GrammarValidator(tokenizer, shards=client, timeout_s=2.0)
+        try:
+            async def request(grammar: str) -> int:  # a request handler: check, then run
+                await validator.check(pb.GRAMMAR_TYPE_REGEX, grammar, "grammar")
+                return engine.grammars.pins(pb.GRAMMAR_TYPE_REGEX, grammar)
+
+            assert await asyncio.create_task(request(phone)) == 1  # pinned while the request runs
+            for _ in range(500):  # released once its handler ended
+                if engine.grammars.pins(pb.GRAMMAR_TYPE_REGEX, phone) == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.grammars.pins(pb.GRAMMAR_TYPE_REGEX, phone) == 0
+            # A grammar the router compiles in time but the shard does not: rejected, for good.
+            for _ in range(2):
+                with pytest.raises(RouterGrammarError, match="took longer than 2 s on a shard"):
+                    await asyncio.create_task(request(late))
+        finally:
+            validator.close()
+            await client.close()
+            await server.stop(None)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gated_compiles.gate.set()
+        executor.shutdown()
+    assert [text for text, _ in gated_compiles.threads].count(late) == 1
+    tokenizer.close()

@@ -229,17 +229,19 @@ async def read_server(session: aiohttp.ClientSession, url: str) -> ServerState:
         text = await resp.text()
     samples: dict[str, float] = {}
     failures: dict[str, float] = {}
+    # Read by family name: the parser renames a counter's samples to `<name>_total` whether the server
+    # wrote them bare (TGI, pytgi) or with the suffix.
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "tgi_request_failure_total":
+            if family.name == "tgi_request_failure":
                 failures[sample.labels.get("err", "")] = sample.value
-            elif not sample.labels:
-                samples[sample.name] = sample.value
+            elif family.type in ("counter", "gauge") and not sample.labels:
+                samples[family.name] = sample.value
     return ServerState(
         batch_size=samples.get("tgi_batch_current_size", 0.0), queue_size=samples.get("tgi_queue_size", 0.0),
         kv_used=samples.get("pytgi_kv_blocks_used"), prefix_cache_blocks=samples.get("pytgi_prefix_cache_blocks"),
         held_by_requests=samples.get("pytgi_kv_blocks_held_by_requests"),
-        success=samples.get("tgi_request_success_total", 0.0), failures=failures,
+        success=samples.get("tgi_request_success", 0.0), failures=failures,
     )
 
 

@@ -60,9 +60,9 @@ class ShardClient:
         self._channel = grpc.aio.insecure_channel(self.url, options=_CHANNEL_OPTIONS)
         self._stub = generate_pb2_grpc.TextGenerationServiceStub(self._channel)
 
-    async def _call(self, method: str, request):
+    async def _call(self, method: str, request, timeout_s: float | None = None):
         try:
-            return await getattr(self._stub, method)(request)
+            return await getattr(self._stub, method)(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
             # `from None`: the grpc traceback adds nothing the code + shard message don't say.
             raise ShardError(error.code().name, error.details() or "", self.url) from None
@@ -99,9 +99,10 @@ class ShardClient:
                      updates: Sequence[pb.RequestUpdate] = ()) -> pb.DecodeResponse:
         return await self._call("Decode", pb.DecodeRequest(batches=list(batches), updates=list(updates)))
 
-    async def compile_grammar(self, grammar_type: int, grammar: str, timeout_ms: int) -> None:
+    async def compile_grammar(self, grammar_type: int, grammar: str, timeout_ms: int,
+                              rpc_timeout_s: float | None = None) -> None:
         await self._call("CompileGrammar", pb.CompileGrammarRequest(
-            grammar_type=grammar_type, grammar=grammar, timeout_ms=timeout_ms))
+            grammar_type=grammar_type, grammar=grammar, timeout_ms=timeout_ms), rpc_timeout_s)
 
     async def release_grammar(self, grammar_type: int, grammar_sha256: bytes) -> None:
         await self._call("ReleaseGrammar", pb.ReleaseGrammarRequest(
@@ -183,11 +184,13 @@ class ShardedClient:
                      updates: Sequence[pb.RequestUpdate] = ()) -> pb.DecodeResponse:
         return _merge_steps(await self._all(lambda c: c.decode(batches, updates)))
 
-    async def compile_grammar(self, grammar_type: int, grammar: str, timeout_ms: int) -> None:
+    async def compile_grammar(self, grammar_type: int, grammar: str, timeout_ms: int,
+                              rpc_timeout_s: float | None = None) -> None:
         """Compile a grammar on every shard and pin it there (until `release_grammar`). Unlike
         the other RPCs, every shard is awaited: on a failure the shards that did pin it are
         released again before the first failure is raised, so no pin is left behind."""
-        results = await asyncio.gather(*(c.compile_grammar(grammar_type, grammar, timeout_ms) for c in self.clients),
+        results = await asyncio.gather(*(c.compile_grammar(grammar_type, grammar, timeout_ms, rpc_timeout_s)
+                                         for c in self.clients),
                                        return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if not failures:

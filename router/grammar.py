@@ -203,11 +203,8 @@ class GrammarValidator:
         """`tokenizer`: router.tokenizer.Tokenizer (its `backend` and `eos_token_id`); `shards`:
         prepare grammars on them too (None: router-side checks only, as in unit tests);
         `compile_delay_s`: every compile takes that much longer (tests of overruns)."""
-        self.tokenizer = tokenizer
         self.disabled = disabled
-        self.timeout_s = timeout_s
         self.cache_size = cache_size
-        self.shards = shards
         eos = getattr(tokenizer, "eos_token_id", None)
         worker = CompileWorker(lambda: tokenizer.backend.to_str(), [eos] if eos is not None else [],
                                timeout_s=timeout_s, delay_s=compile_delay_s)
@@ -262,6 +259,10 @@ class GrammarValidator:
                 raise GrammarNotSupported(param) from error
             self._compiles[key] = job
             self.compiles += 1
+            # Settled when the compile ends, whoever still waits: a compile whose clients all left
+            # while it ran is still remembered (an overrun stays rejected) and never lingers here.
+            loop = asyncio.get_running_loop()
+            job.future.add_done_callback(lambda _, key=key, job=job: _on_loop(loop, self._settled, key, job))
         else:
             self.hits += 1
         job.waiters += 1
@@ -269,17 +270,19 @@ class GrammarValidator:
             await _done(job.future)
         finally:
             job.waiters -= 1
-            if job.waiters == 0 and self._queue.abandon(job.future) and self._compiles.get(key) is job:
-                del self._compiles[key]  # nobody waits: dropped before it ran
-        if self._compiles.get(key) is job:
-            del self._compiles[key]
+            if job.waiters == 0:
+                self._queue.abandon(job.future)  # nobody waits: dropped if it has not started
         error = None if job.future.cancelled() else job.future.exception()
         if job.future.cancelled() or error is not None:  # closed, or xgrammar / the tokenizer failed
             log.error("grammar support is unavailable: %s", error or "the compiler is closed")
             raise GrammarNotSupported(param) from error
-        message = job.future.result()
-        self._remember(key, message)
-        return message
+        return job.future.result()
+
+    def _settled(self, key, job: _Compile) -> None:
+        if self._compiles.get(key) is job:
+            del self._compiles[key]
+        if not job.future.cancelled() and job.future.exception() is None:
+            self._remember(key, job.future.result())
 
     @staticmethod
     async def _limits(grammar_type: int, text: str) -> str | None:
@@ -311,6 +314,14 @@ class GrammarValidator:
     def close(self) -> None:
         """Kill the compile process and stop its thread; later checks say "not supported"."""
         self._close()
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """Run `callback(*args)` on `loop` (from any thread); nothing once the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop is closed: the router is gone, and so is whatever waited
+        pass
 
 
 async def _done(future: Future) -> None:
@@ -373,13 +384,17 @@ async def constraint_for(request, validator: GrammarValidator | None = None) -> 
     `.parallel_tool_calls` (bool | None). Raises GrammarError with `param` set.
     """
     constraint = build_constraint(request)
-    if constraint is None:
-        return None
+    if constraint is not None:
+        await check_constraint(request, constraint, validator)
+    return constraint
+
+
+async def check_constraint(request, constraint: Constraint, validator: GrammarValidator | None = None) -> None:
+    """The compile check of `build_constraint(request)`'s result (GrammarError with `param`)."""
     validator = validator if validator is not None else _default
     if validator is not None:
         param = "tools" if constraint.tool_call else _content_param(request)
         await validator.check(constraint.grammar_type, constraint.grammar, param)
-    return constraint
 
 
 def _content_param(request) -> str:

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from router.client import ShardedClient, ShardError
-from router.errors import GenerationError
+from router.errors import GenerationError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,19 @@ class ShardGrammars:
 
     async def _announce(self, key, pin: _Pin, grammar_type: int, text: str) -> str | None:
         try:
-            await self.client.compile_grammar(grammar_type, text, round(self.timeout_s * 1000))
+            # A shard answers within two deadlines (waiting for its grammar thread, compiling);
+            # past that it is wedged, a failure of the shard, not of the grammar.
+            await self.client.compile_grammar(grammar_type, text, round(self.timeout_s * 1000),
+                                              rpc_timeout_s=2 * self.timeout_s + 5)
         except ShardError as error:
             if self._pins.get(key) is pin:
                 del self._pins[key]
-            if error.code == "INVALID_ARGUMENT":
+            if error.code == "INVALID_ARGUMENT":  # it does not compile, or not in time, on a shard
                 return _ERROR_NAME.sub("", error.message)
-            if error.code == "DEADLINE_EXCEEDED":
-                return f"compiling the grammar took longer than {self.timeout_s:g} s on a shard"
-            # The shard failed, not the grammar: nothing to remember about the grammar.
+            # Not the grammar's fault: nothing to remember about it.
+            if error.code == "RESOURCE_EXHAUSTED":  # the shard's grammar thread is still busy
+                raise OverloadedError("Model is overloaded: the shards are busy compiling grammars; "
+                                      "retry later") from error
             raise GenerationError(f"the shards could not prepare the grammar ({error.code})") from error
         pin.pinned = True
         if pin.users == 0:  # every request left while the shards compiled
@@ -98,5 +102,6 @@ class ShardGrammars:
     async def _send_release(self, key: tuple[int, bytes]) -> None:
         try:
             await self.client.release_grammar(*key)
-        except ShardError as error:
-            log.warning("releasing a grammar on the shards failed: %s", error)
+        except Exception as error:  # noqa: BLE001 - a task nobody awaits: say it here or never
+            # The shard keeps that grammar pinned (compiled, never evicted) until it restarts.
+            log.warning("releasing a grammar on the shards failed (it stays pinned there): %s", error)

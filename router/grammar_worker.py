@@ -95,6 +95,16 @@ def _die_with_parent() -> None:
         pass
 
 
+def _first_to_be_killed() -> None:
+    """If a grammar makes the compile take all memory, the kernel's OOM killer should pick this
+    child (then reported as a crash, which rejects the grammar), never the router or a shard."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as file:
+            file.write("1000")
+    except OSError:  # not Linux
+        pass
+
+
 def _build_compiler(tokenizer_json: str, stop_ids: Sequence[int]):
     import tokenizers
     import xgrammar as xgr
@@ -108,6 +118,7 @@ def _build_compiler(tokenizer_json: str, stop_ids: Sequence[int]):
 def _serve(conn, tokenizer_json: str, stop_ids: list[int], delay_s: float) -> None:
     """The child's main: build the compiler, then (grammar_type, text) → ("done", message)."""
     _die_with_parent()
+    _first_to_be_killed()
     try:
         compiler = _build_compiler(tokenizer_json, stop_ids)
     except BaseException as error:  # reported, then the child ends

@@ -8,6 +8,13 @@ KV manager are read at scrape time, so an idle server reports its true state.
 
 TGI metrics not exported: `tgi_request_skipped_tokens` (speculative decoding, which pytgi does not
 do: it would always be empty).
+
+Exposition: `render` writes Prometheus text format 0.0.4 the way TGI's Rust exporter does, so that
+dashboards and scrape configs written for TGI (Grafana, Datadog, GKE) find the same series: a
+counter's sample carries its bare name (`tgi_request_count`, not `tgi_request_count_total`) under a
+`counter` TYPE line of that same name, and there are no `_created` series. The rule holds for every
+family on the endpoint, `pytgi_*` included, so no query needs to know which prefix takes `_total`.
+Histograms keep the standard `_bucket`/`_sum`/`_count` samples.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from router.kv import KVManager
@@ -45,8 +53,8 @@ class Metrics:
         def gauge(name, doc):
             return Gauge(name, doc, registry=registry)
 
-        # Counter names are given without `_total`: prometheus_client adds it on exposition,
-        # as TGI's own exporter does.
+        # prometheus_client records counters as `<name>_total` plus `<name>_created`; `render` writes
+        # them as TGI does (bare name, no `_created`).
         self.request_count = counter("tgi_request_count", "Requests received")
         self.request_success = counter("tgi_request_success", "Requests finished successfully")
         self.request_failure = counter("tgi_request_failure", "Failed requests", ("err",))
@@ -111,7 +119,31 @@ class Metrics:
         self.batch_max_tokens.set(cached.max_tokens if cached is not None else 0)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return render_text(self.registry)
+
+
+def render_text(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus text format 0.0.4, TGI-style: counters under their bare family name
+    and no `_created` samples (see the module docstring)."""
+    lines = []
+    for family in registry.collect():
+        name, kind = family.name, family.type
+        assert kind in ("counter", "gauge", "histogram"), (name, kind)
+        lines.append(f"# HELP {name} {_escape(family.documentation, quote=False)}")
+        lines.append(f"# TYPE {name} {kind}")
+        for sample in family.samples:
+            if sample.name == f"{name}_created":
+                continue
+            sample_name = name if kind == "counter" else sample.name
+            labels = ",".join(f'{key}="{_escape(value)}"' for key, value in sorted(sample.labels.items()))
+            labels = f"{{{labels}}}" if labels else ""
+            lines.append(f"{sample_name}{labels} {floatToGoString(sample.value)}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _escape(text: str, quote: bool = True) -> str:
+    text = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return text.replace('"', '\\"') if quote else text
 
 
 class KVCollector:

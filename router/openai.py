@@ -18,7 +18,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from dataclasses import replace
 
 from aiohttp import web
@@ -116,13 +116,28 @@ def context_error(error: ContextLengthError, what: str) -> InvalidRequestError:
     return InvalidRequestError(message, what, code="context_length_exceeded")
 
 
-async def constraint_for(request) -> grammar.Constraint | None:
-    """The grammar that tools / response_format / grammar ask for (compile-checked off the event
-    loop), with grammar errors turned into OpenAI 400s carrying their `param`."""
+def constraint_of(request) -> grammar.Constraint | None:
+    """The grammar that tools / response_format / grammar ask for, not compiled yet (see
+    `check_constraint`); its shape errors are OpenAI 400s carrying their `param`."""
     if not getattr(request, "needs_constraint", False):
         return None
+    with openai_grammar_errors():
+        return grammar.build_constraint(request)
+
+
+async def check_constraint(request, constraint: grammar.Constraint | None) -> None:
+    """Compile-check `constraint` (off the event loop; pinned on the shards while the request
+    runs). Called once the request passed every cheaper rule: a request refused anyway never
+    costs a compile."""
+    if constraint is not None:
+        with openai_grammar_errors():
+            await grammar.check_constraint(request, constraint)
+
+
+@contextmanager
+def openai_grammar_errors():
     try:
-        return await grammar.constraint_for(request)
+        yield
     except grammar.GrammarNotSupported as error:
         raise InvalidRequestError(f"'{error.param or 'response_format'}' is not supported by this server "
                                   "(constrained decoding is disabled or unavailable).", error.param,
@@ -325,10 +340,11 @@ class OpenAIRoutes:
         with Permits(ctx.state) as permits:
             chat = parse_chat_request(body, ctx.limits)
             model = ctx.model_name(chat.model)
-            constraint = await constraint_for(chat)
+            constraint = constraint_of(chat)
             prompt = await ctx.render(chat)
             valid = await ctx.validate(prompt, chat.sampling, add_special_tokens=False,
                                        top_n=chat.top_logprobs, what="messages", constraint=constraint)
+            await check_constraint(chat, constraint)
             valids = per_choice(valid, chat.sampling.n)
             permits.cover(len(valids))
             shaper = ChatShaper(model, FINGERPRINT, ctx.tokens, include_usage=chat.sampling.include_usage,

@@ -63,14 +63,6 @@ class Queue:
             entry = self._entries.popleft()
             if entry.cancelled:
                 continue  # its client is gone; nothing was allocated yet
-            try:
-                # Built before anything is committed: a request that cannot be expressed for the
-                # shards fails alone, holding no blocks, and never reaches a step.
-                message = _to_pb(entry)
-            except (ValueError, TypeError) as error:  # protobuf: a value outside its field's range or type
-                log.error("request %d cannot be sent to the shards: %s", entry.id, error)
-                entry.fail(GenerationError("the request could not be scheduled: a parameter is out of range"))
-                continue
             params = entry.request.parameters
             input_length = entry.request.input_length
             # The last generated token is never fed back, so it needs no KV slot.
@@ -93,6 +85,15 @@ class Queue:
                     self._entries.appendleft(entry)
                     break
                 chunk_len = room
+            try:
+                # Built before the entry is committed (and only once it fits): a request that
+                # cannot be expressed for the shards fails alone, its blocks back, no step run.
+                message = _to_pb(entry)
+            except (ValueError, TypeError) as error:  # protobuf: a value outside its field's range or type
+                log.error("request %d cannot be sent to the shards: %s", entry.id, error)
+                self.kv.release(allocation)
+                entry.fail(GenerationError("the request could not be scheduled: a parameter is out of range"))
+                continue
             entry.allocation = allocation
             entry.num_computed = allocation.cache_len + (chunk_len or postfix)
             entry.batched_at = time.monotonic()

@@ -70,8 +70,15 @@ class GrammarError(ValueError):
     """The grammar cannot be compiled (a client error: INVALID_ARGUMENT)."""
 
 
-class GrammarTimeout(TimeoutError):
-    """The compile overran its deadline (DEADLINE_EXCEEDED)."""
+class GrammarTimeout(GrammarError):
+    """The compile overran its deadline: the grammar is refused (INVALID_ARGUMENT, like one that
+    does not compile; a DEADLINE_EXCEEDED would be gRPC's own, a shard that did not answer)."""
+
+
+class GrammarBusy(RuntimeError):
+    """The grammar thread is still busy with an earlier compile (one that overran keeps running:
+    threads cannot be killed) past this request's deadline. Not the grammar's fault: the server
+    is overloaded (RESOURCE_EXHAUSTED); the router does not remember it."""
 
 
 def available() -> bool:
@@ -197,8 +204,11 @@ class Grammars:
     async def prepare(self, grammar_type: int, text: str, timeout_s: float | None) -> None:
         """Compile on the grammar thread (the caller's event loop keeps running) and pin the
         result. GrammarError if it does not compile; GrammarTimeout if the compile itself
-        takes longer than `timeout_s` (the grammar is then refused from now on)."""
+        takes longer than `timeout_s` (the grammar is then refused from now on); GrammarBusy if
+        it could not even start within `timeout_s`."""
         key = grammar_key(grammar_type, text)
+        # Loading the tokenizer (the first grammar) is nobody's deadline; off the event loop.
+        await asyncio.to_thread(self.compiler)
         while True:
             with self._cache_lock:
                 if key in self._cache:
@@ -212,7 +222,10 @@ class Grammars:
                     job = self._compiling[key] = _Compile(Future(), Future())
                     self._thread.submit(self._run, key, job, grammar_type, text)
             # shield: a cancelled RPC must not cancel a compile others may share.
-            await asyncio.shield(asyncio.wrap_future(job.started))
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.started)), timeout_s)
+            except TimeoutError:
+                raise GrammarBusy("the grammar thread is busy with an earlier compile") from None
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.done)), timeout_s)
             except TimeoutError:  # asyncio's, since Python 3.11

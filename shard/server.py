@@ -21,13 +21,14 @@ import grpc
 
 from shard.config import ShardConfig
 from shard.engine import Engine
+from shard.grammar import GrammarBusy
 from pytgi_proto import generate_pb2 as pb
 from pytgi_proto import generate_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 _STATUS = {ValueError: grpc.StatusCode.INVALID_ARGUMENT, KeyError: grpc.StatusCode.NOT_FOUND,
-           TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED}
+           GrammarBusy: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def _rpc(method):

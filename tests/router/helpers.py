@@ -67,6 +67,18 @@ class EngineClient:
         await self._call("health", self.engine.health)
 
 
+def scraped(text: str, name: str, **labels) -> float:
+    """The value of one sample line of a Prometheus text exposition, read by its exact sample name and
+    labels (0 when absent)."""
+    label_text = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    series = f"{name}{{{label_text}}}" if labels else name
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head == series:
+            return float(value)
+    return 0.0
+
+
 @dataclass
 class Serving:
     """The router's serving objects (queue, KV, batcher, Infer) over an in-process engine."""
@@ -79,8 +91,8 @@ class Serving:
     infer: Infer
 
     def sample(self, name: str, **labels) -> float:
-        """A sample of the registry as Prometheus would scrape it (0 when never recorded)."""
-        return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
+        """A sample of /metrics as Prometheus scrapes it (0 when never recorded)."""
+        return scraped(self.metrics.render().decode(), name, **labels)
 
     async def collect(self, valid: ValidRequest) -> list:
         return [event async for event in self.infer.stream(valid)]

@@ -12,7 +12,7 @@ from router.kv import KVManager
 from router.metrics import Metrics
 from router.request import ErrorEvent
 from tests.conftest import make_engine, save_tiny
-from tests.router.helpers import serving, valid_request
+from tests.router.helpers import scraped, serving, valid_request
 
 BS = 4
 
@@ -56,7 +56,7 @@ def test_finished_requests_fill_tgi_request_metrics(engine, router_tokenizer):
     events = run_served(s, lambda: asyncio.gather(*(s.collect(v) for v in valids)))
 
     assert [len(e) for e in events] == [3, 6, 4]
-    assert s.sample("tgi_request_success_total") == 3
+    assert s.sample("tgi_request_success") == 3
     assert s.sample("tgi_request_generated_tokens_count") == 3
     assert s.sample("tgi_request_generated_tokens_sum") == 13
     for name in ("tgi_request_queue_duration", "tgi_request_inference_duration", "tgi_request_duration",
@@ -65,12 +65,12 @@ def test_finished_requests_fill_tgi_request_metrics(engine, router_tokenizer):
     # One gap per token after the first, each measured where the consumer receives it.
     assert s.sample("pytgi_request_inter_token_latency_count") == 13 - 3
     assert s.sample("pytgi_request_inter_token_latency_sum") > 0
-    assert s.sample("tgi_request_failure_total", err="dropped") == 0
+    assert s.sample("tgi_request_failure", err="dropped") == 0
 
-    steps = {m: s.sample("tgi_batch_inference_count_total", method=m) for m in ("prefill", "decode")}
+    steps = {m: s.sample("tgi_batch_inference_count", method=m) for m in ("prefill", "decode")}
     assert steps["prefill"] >= 1 and steps["decode"] >= 5
     for method, count in steps.items():
-        assert s.sample("tgi_batch_inference_success_total", method=method) == count
+        assert s.sample("tgi_batch_inference_success", method=method) == count
         assert s.sample("tgi_batch_inference_duration_count", method=method) == count
         assert s.sample("tgi_batch_filter_duration_count", method=method) == count
         assert s.sample("tgi_batch_forward_duration_count", method=method) == count
@@ -97,10 +97,10 @@ def test_idle_server_reports_empty_batch_queue_and_no_request_blocks(engine, rou
     assert used == cached > 0  # what is still used is the prefix cache's, and all of it evictable
     assert s.sample("pytgi_prefix_cache_evictable_blocks") == cached
     assert used + s.sample("pytgi_kv_blocks_free") == s.kv.num_blocks - 1
-    assert s.sample("pytgi_prefix_cache_queries_total") == 2
-    assert s.sample("pytgi_prefix_cache_hits_total") == 1  # the second request reused the first's prompt
-    assert s.sample("pytgi_prefix_cache_hit_tokens_total") == 12
-    assert s.sample("pytgi_prefix_cache_query_tokens_total") == 28
+    assert s.sample("pytgi_prefix_cache_queries") == 2
+    assert s.sample("pytgi_prefix_cache_hits") == 1  # the second request reused the first's prompt
+    assert s.sample("pytgi_prefix_cache_hit_tokens") == 12
+    assert s.sample("pytgi_prefix_cache_query_tokens") == 28
 
 
 def test_queue_size_is_read_at_scrape_time(engine, router_tokenizer):
@@ -132,8 +132,8 @@ def test_client_leaving_counts_dropped_and_frees_its_blocks(engine, router_token
 
     got = run_served(s, leave_after_two)
     assert len(got) == 2
-    assert s.sample("tgi_request_failure_total", err="dropped") == 1
-    assert s.sample("tgi_request_success_total") == 0
+    assert s.sample("tgi_request_failure", err="dropped") == 1
+    assert s.sample("tgi_request_success") == 0
     assert s.sample("tgi_batch_current_size") == 0
     assert s.sample("pytgi_kv_blocks_held_by_requests") == 0
 
@@ -144,11 +144,11 @@ def test_failed_step_counts_batch_and_request_failures(engine, router_tokenizer)
     events = run_served(s, lambda: asyncio.gather(*(s.collect(valid_request(prompt(i, 6), 5)) for i in range(2))))
 
     assert all(isinstance(e[-1], ErrorEvent) for e in events)
-    assert s.sample("tgi_batch_inference_failure_total", method="decode") == 1
-    assert s.sample("tgi_batch_inference_count_total", method="decode") == (
-        s.sample("tgi_batch_inference_success_total", method="decode") + 1)
-    assert s.sample("tgi_request_failure_total", err="generation") == 2
-    assert s.sample("tgi_request_failure_total", err="dropped") == 0
+    assert s.sample("tgi_batch_inference_failure", method="decode") == 1
+    assert s.sample("tgi_batch_inference_count", method="decode") == (
+        s.sample("tgi_batch_inference_success", method="decode") + 1)
+    assert s.sample("tgi_request_failure", err="generation") == 2
+    assert s.sample("tgi_request_failure", err="dropped") == 0
     assert s.sample("tgi_batch_current_size") == 0  # reset by the failure, not left from the last step
     assert s.sample("pytgi_kv_blocks_held_by_requests") == 0
 
@@ -168,8 +168,8 @@ def test_joining_a_running_batch_counts_tgi_batch_concat(engine, router_tokenize
 
     first, second = run_served(s, staggered)
     assert (len(first), len(second)) == (8, 3)
-    assert s.sample("tgi_batch_concat_total", reason=reason) == 1
-    assert sum(s.sample("tgi_batch_concat_total", reason=r)
+    assert s.sample("tgi_batch_concat", reason=reason) == 1
+    assert sum(s.sample("tgi_batch_concat", reason=r)
                for r in ("chunking", "backpressure", "wait_exceeded")) == 1
 
 
@@ -177,10 +177,10 @@ def test_failure_labels_follow_tgi():
     metrics = Metrics(16, 32)
     for error_type in ("incomplete_generation", "incomplete_generation_stream", "template_error", "validation"):
         metrics.failure(error_type)
-    sample = metrics.registry.get_sample_value
-    assert sample("tgi_request_failure_total", {"err": "incomplete"}) == 2
-    assert sample("tgi_request_failure_total", {"err": "template"}) == 1
-    assert sample("tgi_request_failure_total", {"err": "validation"}) == 1
+    text = metrics.render().decode()
+    assert scraped(text, "tgi_request_failure", err="incomplete") == 2
+    assert scraped(text, "tgi_request_failure", err="template") == 1
+    assert scraped(text, "tgi_request_failure", err="validation") == 1
 
 
 def test_kv_blocks_held_by_requests_counts_shared_blocks_once():

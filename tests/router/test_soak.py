@@ -108,8 +108,8 @@ class FakeServer:
             "# TYPE tgi_queue_size gauge", "tgi_queue_size 0",
             "# TYPE pytgi_kv_blocks_used gauge", f"pytgi_kv_blocks_used {self.kv_used}",
             "# TYPE pytgi_prefix_cache_blocks gauge", f"pytgi_prefix_cache_blocks {self.cached}",
-            "# TYPE tgi_request_success counter", f"tgi_request_success_total {self.success}",
-            "# TYPE tgi_request_failure counter", f'tgi_request_failure_total{{err="dropped"}} {self.dropped}',
+            "# TYPE tgi_request_success counter", f"tgi_request_success {self.success}",
+            "# TYPE tgi_request_failure counter", f'tgi_request_failure{{err="dropped"}} {self.dropped}',
         ]
         if self.held is not None:
             lines += ["# TYPE pytgi_kv_blocks_held_by_requests gauge",

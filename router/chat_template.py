@@ -8,6 +8,14 @@ its sandboxed jinja environment, `tojson`, `raise_exception`, `strftime_now`, th
 templates gets the "tool_use" one when the request has tools, else "default" (transformers'
 `get_chat_template`).
 
+Tool turns (an assistant message with `tool_calls`, `tool` results) reach a template that handles
+`tool_calls` as transformers passes them (arguments parsed to a dict, content possibly None). A
+template that never mentions `tool_calls` (SmolLM2's ChatML) gets them as the text the model was
+told to write (router.grammar.tool_prompt): the assistant's content followed by its calls,
+`<tool_call>\n{"name": …, "arguments": …}\n</tool_call>` each; and each run of `tool` results as
+one user turn of `<tool_response>\n…\n</tool_response>` blocks, as the Hermes / Qwen templates do
+(a user turn: templates that refuse unknown roles or insist that roles alternate accept it).
+
 The request decides the mode: when the last message is the assistant's (with text), the model
 continues it (`continue_final_message`: the prompt is cut right after that text, no generation
 prompt); otherwise `add_generation_prompt=True`.
@@ -21,9 +29,11 @@ conversations render on a worker thread so that one request does not stall the o
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from router.errors import TemplateError
+from router.tool_calls import CALL_SEPARATOR, TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN, call_text
 
 # Conversations longer than this (characters, tools included) render on a worker thread.
 OFFLOAD_CHARS = 4000
@@ -82,6 +92,8 @@ class ChatTemplate:
         if continue_final_message is None:
             continue_final_message = continues(messages)
         template = self.pick(tools)
+        if not handles_tool_calls(template):
+            messages = plain_tool_turns(messages)
         render = _render_jinja_template()
         try:
             rendered, _ = render(
@@ -100,6 +112,46 @@ class ChatTemplate:
             return self.render(messages, tools)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self.render, messages, tools)
+
+
+def handles_tool_calls(template: str) -> bool:
+    """Whether the template renders assistant `tool_calls` itself (else: `plain_tool_turns`)."""
+    return "tool_calls" in template
+
+
+def plain_tool_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` with tool calls and tool results written as text (see the module docstring)."""
+    out: list[dict[str, Any]] = []
+    results = False  # the last message of `out` is a user turn of tool results
+    for message in messages:
+        role = message.get("role")
+        if role == "tool":
+            block = f"{TOOL_RESPONSE_OPEN}\n{message.get('content') or ''}\n{TOOL_RESPONSE_CLOSE}"
+            if results:
+                out[-1]["content"] += f"\n{block}"
+            else:
+                out.append({"role": "user", "content": block})
+            results = True
+            continue
+        results = False
+        if role == "assistant" and message.get("tool_calls"):
+            calls = CALL_SEPARATOR.join(_call_text(call) for call in message["tool_calls"])
+            text = message.get("content") or ""
+            message = {"role": "assistant", "content": f"{text}\n{calls}" if text else calls}
+        elif message.get("content") is None:
+            message = {**message, "content": ""}
+        out.append(message)
+    return out
+
+
+def _call_text(call: dict[str, Any]) -> str:
+    function = call.get("function") or {}
+    arguments = function.get("arguments")
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, str):  # parsed by openai_schemas: written back as json.dumps does
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return call_text(function.get("name", ""), arguments)
 
 
 def continues(messages: list[dict[str, Any]]) -> bool:

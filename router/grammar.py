@@ -31,10 +31,12 @@ OpenAI (`constraint_for`): `response_format` `text` → none; `json_object` → 
 `json_schema{name, schema, strict}` → that schema (always enforced, whatever `strict` says). TGI's
 `{type, value}` shapes are accepted in `response_format` and in the `grammar` extra too. Tools:
 every tool call is written `<tool_call>\\n{"name": "<name>", "arguments": <JSON>}\\n</tool_call>`
-(the Hermes / Qwen convention, which many chat templates use), constrained by an xgrammar
-structural tag (GRAMMAR_TYPE_STRUCTURAL_TAG):
+(the Hermes / Qwen convention, which many chat templates use; several calls back to back, see
+router.tool_calls.CALL_SEPARATOR), constrained by an xgrammar structural tag
+(GRAMMAR_TYPE_STRUCTURAL_TAG). The turn ends where the grammar leaves only the stop token
+(shard/grammar.py `GrammarState.complete`):
 - `required`: one or more tool calls (one when `parallel_tool_calls` is false), nothing else;
-- named: calls of that tool only;
+- named: exactly one call of that tool; the turn ends as soon as it is complete;
 - `auto`: free text; where the model writes `<tool_call>` a valid call of one of the tools must
   follow. With a `response_format`, the output is either content in that format or tool calls;
 - `none`: no tool constraint (`response_format` still applies).
@@ -71,7 +73,7 @@ from router.grammar_worker import (  # JSON_SCHEMA_OPTIONS: the shard's options,
     QueueFull,
     WorkerError,
 )
-from router.tool_calls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from router.tool_calls import CALL_END, CALL_SEPARATOR, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, call_begin
 
 log = logging.getLogger(__name__)
 
@@ -417,13 +419,16 @@ def build_constraint(request) -> Constraint | None:
         else:
             fmt = {"type": "or", "elements": [
                 _content_format(*content),
-                {"type": "tags_with_separator", "tags": _tags(tools), "separator": "\n",
+                {"type": "tags_with_separator", "tags": _tags(tools), "separator": CALL_SEPARATOR,
                  "at_least_one": True, "stop_after_first": single},
             ]}
     else:  # "required" or one tool's name
+        # A named choice is one call: with more allowed, a complete call could be followed by the
+        # separator, so the grammar would never be complete-with-only-a-stop-token-left and the
+        # shard (GrammarState.complete) could not end the turn; small models then repeat the call.
         chosen = tools if choice == "required" else [t for t in tools if t.name == choice]
-        fmt = {"type": "tags_with_separator", "tags": _tags(chosen), "separator": "\n",
-               "at_least_one": True, "stop_after_first": single}
+        fmt = {"type": "tags_with_separator", "tags": _tags(chosen), "separator": CALL_SEPARATOR,
+               "at_least_one": True, "stop_after_first": single or choice != "required"}
     text = json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False, separators=(",", ":"))
     return Constraint(STRUCTURAL_TAG, text, tool_call=True)
 
@@ -548,10 +553,10 @@ def _tool_choice(choice: Any, tools: list[Tool]) -> str:
 def _tags(tools: Iterable[Tool]) -> list[dict]:
     return [{
         "type": "tag",
-        "begin": f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(tool.name)}, "arguments": ',
+        "begin": call_begin(tool.name),
         "content": {"type": "json_schema", "json_schema": tool.parameters,
                     "max_whitespace_cnt": _TAG_JSON_WHITESPACE},
-        "end": f"}}\n{TOOL_CALL_CLOSE}",
+        "end": CALL_END,
     } for tool in tools]
 
 

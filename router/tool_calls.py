@@ -1,5 +1,7 @@
-"""Reading tool calls out of generated text: the `<tool_call>{"name": …, "arguments": …}</tool_call>`
-blocks that a tool Constraint (router.grammar) makes the model write, whole or as a stream."""
+"""Tool calls as text: the `<tool_call>\n{"name": …, "arguments": …}\n</tool_call>` blocks that a tool
+Constraint (router.grammar) makes the model write, read back whole or as a stream, and written the
+same way (`call_text`) when an earlier call is rendered for a template that knows no tool calls.
+Tool results come back inside `<tool_response>…</tool_response>` (the Hermes / Qwen convention)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,23 @@ from dataclasses import dataclass
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
+TOOL_RESPONSE_OPEN = "<tool_response>"
+TOOL_RESPONSE_CLOSE = "</tool_response>"
+# Between the calls of one turn: none. After a complete call the model then chooses between
+# another `<tool_call>` and its stop token; a newline there is whitespace that small models take
+# by habit after a closing tag, and the grammar would go on into a second (often the same) call.
+CALL_SEPARATOR = ""
+CALL_END = f"}}\n{TOOL_CALL_CLOSE}"
+
+
+def call_begin(name: str) -> str:
+    """What a call of `name` starts with, up to its arguments."""
+    return f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(name)}, "arguments": '
+
+
+def call_text(name: str, arguments: str) -> str:
+    """One call, exactly as the grammar has the model write it (`arguments`: JSON text)."""
+    return f"{call_begin(name)}{arguments}{CALL_END}"
 
 
 _CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.S)

@@ -139,3 +139,76 @@ def test_template_errors_are_template_errors(router_tokenizer):
 def test_large_conversations_render_off_the_loop_identically(template):
     messages = [{"role": "user", "content": "word " * 2000}]
     assert asyncio.run(template.arender(messages)) == template.render(messages)
+
+
+# ------------------------------------------------------------------------------ tool turns
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+# What `ChatCompletionMessage.model_dump()` of the openai SDK sends back: extra keys, content null.
+SDK_CALL_MESSAGE = {"content": None, "refusal": None, "role": "assistant", "annotations": [], "audio": None,
+                    "function_call": None, "tool_calls": [CALL]}
+TOOL_TURN = [{"role": "user", "content": "Weather in Paris?"}, SDK_CALL_MESSAGE,
+             {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "22 C"}]
+
+
+def test_tool_turns_for_a_template_without_tool_calls(template, hf_tokenizer):
+    """SmolLM2's template knows no tool calls: the call is the text the model was told to write,
+    the result a user turn of <tool_response> (the Hermes / Qwen convention)."""
+    prompt = template.render(messages_of(TOOL_TURN), TOOLS)
+    plain = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": CALL_TEXT},
+             {"role": "user", "content": "<tool_response>\n22 C\n</tool_response>"}]
+    assert prompt == hf_tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith(f"<|im_start|>assistant\n{CALL_TEXT}<|im_end|>\n<|im_start|>user\n<tool_response>\n"
+                           "22 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("content", [None, "absent", "", [], [{"type": "text", "text": ""}]])
+def test_empty_content_beside_tool_calls(template, content):
+    message = {"role": "assistant", "tool_calls": [CALL]}
+    if content != "absent":
+        message["content"] = content
+    prompt = template.render(messages_of([TOOL_TURN[0], message, TOOL_TURN[2]]))
+    assert f"<|im_start|>assistant\n{CALL_TEXT}<|im_end|>" in prompt
+
+
+def test_text_and_several_calls_and_results(template):
+    second = {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}
+    messages = [TOOL_TURN[0],
+                {"role": "assistant", "content": [{"type": "text", "text": "Checking."}], "tool_calls": [CALL, second]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
+                {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "noon"}]},
+                {"role": "assistant", "content": "22 C at noon."}, {"role": "user", "content": "Thanks"}]
+    prompt = template.render(messages_of(messages))
+    now_text = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
+    assert f"<|im_start|>assistant\nChecking.\n{CALL_TEXT}{now_text}<|im_end|>" in prompt
+    # Consecutive results are one user turn, as Qwen's template writes them.
+    assert ("<|im_start|>user\n<tool_response>\n22 C\n</tool_response>\n<tool_response>\nnoon\n"
+            "</tool_response><|im_end|>\n<|im_start|>assistant\n22 C at noon.<|im_end|>") in prompt
+    assert prompt.endswith("<|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_rendered_call_is_what_the_grammar_accepts():
+    """The text a past call is rendered as is the text a tool constraint makes the model write."""
+    from types import SimpleNamespace
+
+    from xgrammar import Grammar
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    from router.grammar import build_constraint
+
+    request = SimpleNamespace(tools=TOOLS, tool_choice="required", response_format=None, grammar=None,
+                              parallel_tool_calls=None)
+    grammar = Grammar.from_structural_tag(build_constraint(request).grammar)
+    assert accepts(grammar, CALL_TEXT) and accepts(grammar, CALL_TEXT + CALL_TEXT)
+
+
+def test_tool_turns_reach_a_tool_template_as_transformers_passes_them(router_tokenizer, hf_tokenizer):
+    """A template that handles `tool_calls` gets them (arguments as a dict), content None kept."""
+    template = ChatTemplate(TOOL_TEMPLATE, router_tokenizer.special_tokens_map)
+    hf_messages = [TOOL_TURN[0], {**SDK_CALL_MESSAGE, "tool_calls": [
+        {**CALL, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}, TOOL_TURN[2]]
+    expected = hf_tokenizer.apply_chat_template(hf_messages, tools=TOOLS, chat_template=TOOL_TEMPLATE,
+                                                tokenize=False, add_generation_prompt=True)
+    assert template.render(messages_of(TOOL_TURN), TOOLS) == expected
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in expected

@@ -327,17 +327,40 @@ def test_bad_schema_is_reported_on_its_parameter(grammars):
 def test_required_forces_calls_of_the_tools(grammars):
     c = run(constraint_for(chat(tools=TOOLS, tool_choice="required"), grammars))
     assert c.grammar_type == pb.GRAMMAR_TYPE_STRUCTURAL_TAG and c.tool_call
-    assert allowed(c, WEATHER_CALL, NOW_CALL, WEATHER_CALL + "\n" + NOW_CALL, "Sure!", "",
-                   call("get_weather", '{"city": "Paris"}'), call("other", "{}")) == [
-        True, True, True, False, False, False, False]
+    # Calls come back to back: a newline after a call would not be a choice to end or go on.
+    assert allowed(c, WEATHER_CALL, NOW_CALL, WEATHER_CALL + NOW_CALL, WEATHER_CALL + "\n" + NOW_CALL, "Sure!", "",
+                   call("get_weather", '{"city": "Paris"}'), call("other", "{}"), WEATHER_CALL + "\n") == [
+        True, True, True, False, False, False, False, False, False]
     single = build_constraint(chat(tools=TOOLS, tool_choice="required", parallel_tool_calls=False))
-    assert allowed(single, WEATHER_CALL, WEATHER_CALL + "\n" + NOW_CALL) == [True, False]
+    assert allowed(single, WEATHER_CALL, WEATHER_CALL + NOW_CALL) == [True, False]
 
 
 def test_named_tool_choice(grammars):
     for choice in ("now", {"type": "function", "function": {"name": "now"}}, {"type": "function", "name": "now"}):
         c = run(constraint_for(chat(tools=TOOLS, tool_choice=choice), grammars))
-        assert c.tool_call and allowed(c, NOW_CALL, WEATHER_CALL, "hi") == [True, False, False]
+        assert c.tool_call and allowed(c, NOW_CALL, WEATHER_CALL, "hi", NOW_CALL + NOW_CALL) == [
+            True, False, False, False]
+
+
+@pytest.mark.parametrize("fields", [
+    {"tool_choice": "now"}, {"tool_choice": "required", "parallel_tool_calls": False},
+    {"tool_choice": "auto", "parallel_tool_calls": False}])
+def test_a_single_call_ends_the_grammar(smollm2_folder, fields):
+    """Once the only call allowed is complete, nothing but the stop token may follow: the shard
+    finishes the request there (GrammarState.complete) instead of generating to max_tokens."""
+    from transformers import AutoTokenizer
+
+    from shard.grammar import GrammarState, tokenizer_info
+
+    hf = AutoTokenizer.from_pretrained(smollm2_folder)
+    eos = hf.convert_tokens_to_ids("<|im_end|>")
+    compiler = xgr.GrammarCompiler(tokenizer_info(hf, None, [eos]), cache_enabled=False)
+    c = build_constraint(chat(tools=TOOLS, **fields))
+    state = GrammarState(xgr.GrammarMatcher(compiler.compile_structural_tag(c.grammar)), frozenset([eos]),
+                         len(hf))
+    text = NOW_CALL if fields["tool_choice"] == "now" else WEATHER_CALL
+    assert all(state.accept(t) for t in hf.encode(text, add_special_tokens=False))
+    assert state.complete()
 
 
 def test_auto_allows_text_or_a_tool_call(grammars):
@@ -347,7 +370,8 @@ def test_auto_allows_text_or_a_tool_call(grammars):
         assert allowed(c, "The weather is fine.", "", WEATHER_CALL, "Let me check.\n" + WEATHER_CALL,
                        "text <tool_call>\nnot json", call("other", "{}")) == [True, True, True, True, False, False]
     single = build_constraint(chat(tools=TOOLS, parallel_tool_calls=False))
-    assert allowed(single, WEATHER_CALL, WEATHER_CALL + "\n" + NOW_CALL) == [True, False]
+    assert allowed(single, WEATHER_CALL, WEATHER_CALL + NOW_CALL, WEATHER_CALL + "\n" + NOW_CALL) == [
+        True, False, False]
 
 
 def test_auto_with_response_format_applies_it_to_content(grammars):
@@ -405,9 +429,11 @@ def test_tool_prompt_names_the_tools_and_the_format():
     assert "get_weather" in prompt and '"name": "now"' in prompt and "<tool_call>" in prompt
 
 
+@pytest.mark.parametrize("separator", ["\n", ""])  # "": back to back, as the grammar writes them
 @pytest.mark.parametrize("chunk", [1, 2, 5, 1000])
-def test_tool_call_stream_adds_up_to_parse_tool_call(chunk):
-    text = ("Let me check. " + call("get_weather", '{"city": "Pa}ri\\"s", "n": [1, {"a": "]"}]}') + "\n" + NOW_CALL)
+def test_tool_call_stream_adds_up_to_parse_tool_call(chunk, separator):
+    text = ("Let me check. " + call("get_weather", '{"city": "Pa}ri\\"s", "n": [1, {"a": "]"}]}') + separator
+            + NOW_CALL)
     stream = ToolCallStream()
     deltas = []
     for i in range(0, len(text), chunk):

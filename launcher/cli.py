@@ -105,6 +105,10 @@ _OPTIONS = [
     _option("--max-client-batch-size", type=int, help="Most prompts in one /v1/completions request."),
     _option("--strict-model-name", is_flag=True,
             help="OpenAI routes: 404 for a `model` other than the served one or \"tgi\" (default: any name)."),
+    _option("--reasoning-parser", type=click.Choice(config.REASONING_PARSER_CHOICES),
+            help="Chat completions: a thinking model's `<think>` section as `reasoning_content`, apart "
+                 "from `content`. auto: when the chat template has `<think>` and `</think>`; none: off; "
+                 "think (or deepseek_r1, qwen3): always."),
     _option("--payload-limit", type=int, help="Largest HTTP request body in bytes (413 above)."),
     _option("-g", "--graceful-termination-timeout", type=int,
             help="Seconds between SIGTERM and SIGKILL when stopping the router and shards; the router "

@@ -88,8 +88,8 @@ ROUTER_OPTIONS = (
     "max_waiting_tokens", "max_batch_size", "validation_workers", "cors_allow_origin",
     "json_output", "otlp_endpoint", "otlp_service_name", "payload_limit", "max_client_batch_size",
     "disable_grammar_support", "tokenizer_config_path", "disable_prefix_caching", "strict_model_name",
-    "api_key_file", "request_timeout", "graceful_termination_timeout", "client_header_timeout",
-    "client_body_timeout",
+    "reasoning_parser", "api_key_file", "request_timeout", "graceful_termination_timeout",
+    "client_header_timeout", "client_body_timeout",
 )
 
 

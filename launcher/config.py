@@ -20,6 +20,7 @@ QUANTIZE_CHOICES = (
 IMPLEMENTED_QUANTIZE = ("int8", "int4")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 USAGE_STATS_CHOICES = ("on", "off", "no-stack")
+REASONING_PARSER_CHOICES = ("auto", "none", "think", "deepseek_r1", "qwen3")  # router.reasoning.CHOICES
 MAX_UDS_PATH = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 
 # SageMaker's names (TGI's sagemaker-entrypoint.sh) → the launcher option they set. They apply
@@ -85,6 +86,7 @@ class LauncherArgs:
     disable_grammar_support: bool = False
     max_client_batch_size: int = 4
     strict_model_name: bool = False
+    reasoning_parser: str = "auto"
     payload_limit: int = 2_000_000
     graceful_termination_timeout: int = 90
     request_timeout: float | None = None

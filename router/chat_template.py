@@ -16,6 +16,9 @@ told to write (router.grammar.tool_prompt): the assistant's content followed by 
 one user turn of `<tool_response>\n…\n</tool_response>` blocks, as the Hermes / Qwen templates do
 (a user turn: templates that refuse unknown roles or insist that roles alternate accept it).
 
+A request's `chat_template_kwargs` (vLLM's name, e.g. `{"enable_thinking": false}` for Qwen3)
+become extra template variables; the schema refuses names that collide with `RESERVED_KWARGS`.
+
 The request decides the mode: when the last message is the assistant's (with text), the model
 continues it (`continue_final_message`: the prompt is cut right after that text, no generation
 prompt); otherwise `add_generation_prompt=True`.
@@ -29,12 +32,20 @@ conversations render on a worker thread so that one request does not stall the o
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from typing import Any
 
 from router.errors import TemplateError
 from router.tool_calls import CALL_SEPARATOR, TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN, call_text
 
+# Template variables a request's `chat_template_kwargs` may not set: the renderer's own arguments and
+# the special tokens passed beside them.
+RESERVED_KWARGS = frozenset({
+    "conversations", "messages", "tools", "documents", "chat_template", "return_assistant_tokens_mask",
+    "continue_final_message", "add_generation_prompt", "bos_token", "eos_token", "unk_token", "sep_token",
+    "pad_token", "cls_token", "mask_token", "additional_special_tokens",
+})
 # Conversations longer than this (characters, tools included) render on a worker thread.
 OFFLOAD_CHARS = 4000
 
@@ -87,7 +98,8 @@ class ChatTemplate:
                             "--tokenizer-config-path)")
 
     def render(self, messages: list[dict[str, Any]], tools: list | None = None,
-               continue_final_message: bool | None = None) -> str:
+               continue_final_message: bool | None = None,
+               template_kwargs: dict[str, Any] | None = None) -> str:
         """The prompt for `messages`. `continue_final_message=None` decides from the messages."""
         if continue_final_message is None:
             continue_final_message = continues(messages)
@@ -99,7 +111,8 @@ class ChatTemplate:
             rendered, _ = render(
                 conversations=[messages], tools=tools or None, chat_template=template,
                 continue_final_message=continue_final_message,
-                add_generation_prompt=not continue_final_message, **self.special_tokens_map,
+                add_generation_prompt=not continue_final_message,
+                **{**(template_kwargs or {}), **self.special_tokens_map},
             )
         except TemplateError:
             raise
@@ -107,11 +120,13 @@ class ChatTemplate:
             raise TemplateError(str(error) or type(error).__name__) from error
         return rendered[0]
 
-    async def arender(self, messages: list[dict[str, Any]], tools: list | None = None) -> str:
-        if _size(messages) + _size(tools) <= OFFLOAD_CHARS:
-            return self.render(messages, tools)
+    async def arender(self, messages: list[dict[str, Any]], tools: list | None = None,
+                      template_kwargs: dict[str, Any] | None = None) -> str:
+        if _size(messages) + _size(tools) + _size(template_kwargs) <= OFFLOAD_CHARS:
+            return self.render(messages, tools, template_kwargs=template_kwargs)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.render, messages, tools)
+        render = functools.partial(self.render, messages, tools, template_kwargs=template_kwargs)
+        return await loop.run_in_executor(None, render)
 
 
 def handles_tool_calls(template: str) -> bool:

@@ -11,6 +11,7 @@ import click
 
 from router.auth import read_key_file
 from router.config import RouterConfig
+from router.reasoning import CHOICES as REASONING_PARSERS
 
 
 @click.command(context_settings={"show_default": True})
@@ -48,6 +49,9 @@ from router.config import RouterConfig
 @click.option("--log-level", default="info", envvar="LOG_LEVEL")
 @click.option("--strict-model-name", is_flag=True, envvar="STRICT_MODEL_NAME",
               help="OpenAI routes: 404 for a `model` other than the served one or \"tgi\".")
+@click.option("--reasoning-parser", default="auto", envvar="REASONING_PARSER",
+              type=click.Choice(REASONING_PARSERS),
+              help="Chat: `<think>` sections as `reasoning_content` (auto: when the chat template has them).")
 @click.option("--api-key-file", default=None, envvar="API_KEY_FILE", type=click.Path(dir_okay=False),
               help="More accepted API keys, one per line (blank and # lines ignored).")
 @click.option("--request-timeout", default=None, type=float, envvar="REQUEST_TIMEOUT",

@@ -36,6 +36,7 @@ class RouterConfig:
     prefix_caching: bool
     log_level: str = "info"
     strict_model_name: bool = False  # /v1/*: 404 for a `model` other than the served one (or "tgi")
+    reasoning_parser: str = "auto"  # router.reasoning.CHOICES: `<think>` → reasoning_content
     # Security and shutdown (router/auth.py, router/server.py, router/drain.py).
     api_key_file: str | None = None  # more accepted keys, one per line
     request_timeout: float | None = None  # seconds from queueing to the last token; None: no deadline

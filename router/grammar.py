@@ -370,6 +370,7 @@ class Constraint:
     grammar_type: int  # pb.GRAMMAR_TYPE_JSON, _REGEX or _STRUCTURAL_TAG
     grammar: str  # JSON schema text, regex, or structural tag JSON
     tool_call: bool  # the output may hold tool calls: read it with parse_tool_call
+    free_text: bool = False  # free text until a call's tag (tool_choice "auto"): room for reasoning
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,7 +431,7 @@ def build_constraint(request) -> Constraint | None:
         fmt = {"type": "tags_with_separator", "tags": _tags(chosen), "separator": CALL_SEPARATOR,
                "at_least_one": True, "stop_after_first": single or choice != "required"}
     text = json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False, separators=(",", ":"))
-    return Constraint(STRUCTURAL_TAG, text, tool_call=True)
+    return Constraint(STRUCTURAL_TAG, text, tool_call=True, free_text=fmt["type"] == "triggered_tags")
 
 
 def _content(request) -> tuple[int, str] | None:

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from router import bounds, grammar
+from router import bounds, grammar, reasoning
 from router.chat_template import ChatTemplate
 from router.errors import (
     ContextLengthError,
@@ -217,6 +217,8 @@ class Context:
         self.state = state
         config = state.config
         self.template = ChatTemplate.from_tokenizer(state.tokenizer)
+        templates = "\n".join(filter(None, [self.template.template, *self.template.named.values()]))
+        self.reasoning = reasoning.resolve(config.reasoning_parser, templates)
         self.tokens = TokenStrings(state.tokenizer)
         self.limits = OpenAILimits(
             max_stop_sequences=config.max_stop_sequences, max_top_n_tokens=config.max_top_n_tokens,
@@ -249,7 +251,7 @@ class Context:
             # format the grammar enforces, in the system message.
             messages = with_system_text(messages, grammar.tool_prompt(chat.tools))
         try:
-            return await self.template.arender(messages, chat.tools)
+            return await self.template.arender(messages, chat.tools, chat.chat_template_kwargs)
         except RouterError as error:
             error.param = "messages"
             raise
@@ -349,7 +351,10 @@ class OpenAIRoutes:
             permits.cover(len(valids))
             shaper = ChatShaper(model, FINGERPRINT, ctx.tokens, include_usage=chat.sampling.include_usage,
                                 logprobs=chat.logprobs,
-                                tool_calls=constraint is not None and constraint.tool_call)
+                                tool_calls=constraint is not None and constraint.tool_call,
+                                # A grammar that shapes the whole output leaves no room for `<think>`.
+                                reasoning=ctx.reasoning and (constraint is None or constraint.free_text),
+                                inside=reasoning.starts_inside(prompt))
             shaper.prompt_tokens = valid.input_length
             if chat.sampling.stream:
                 first = [shaper.role_chunk(i) for i in range(len(valids))]

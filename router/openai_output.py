@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from router.reasoning import ReasoningStream, split_reasoning
 from router.tool_calls import TOOL_CALL_CLOSE, ToolCallParseError, ToolCallStream, split_tool_calls
 from router.request import Finish, TokenEvent, TokenInfo
 
@@ -140,16 +141,23 @@ class ChatShaper(_Shaper):
     """`/v1/chat/completions`. With `tool_calls` (the request's constraint allows tool calls),
     the generated `<tool_call>` blocks become `message.tool_calls` / `delta.tool_calls` (id, type
     and name on a call's first fragment, argument fragments after) and `finish_reason` is
-    "tool_calls"; text outside the calls stays `content`."""
+    "tool_calls"; text outside the calls stays `content`. With `reasoning` (router.reasoning), the
+    `<think>` section becomes `message.reasoning_content` / `delta.reasoning_content` and only the
+    text after it is content (and read for tool calls); `inside`: the prompt left the output
+    inside `<think>`."""
 
     object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def __init__(self, *args, logprobs: bool = False, tool_calls: bool = False, **kwargs) -> None:
+    def __init__(self, *args, logprobs: bool = False, tool_calls: bool = False, reasoning: bool = False,
+                 inside: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.logprobs = logprobs
         self.tool_calls = tool_calls
+        self.reasoning = reasoning
+        self.inside = inside
         self._streams: dict[int, ToolCallStream] = {}  # per choice, streaming tool calls only
+        self._thoughts: dict[int, ReasoningStream] = {}  # per choice, streaming reasoning only
 
     def logprob_entry(self, token: TokenInfo, top: tuple[TokenInfo, ...]) -> dict:
         text, raw = self.tokens.get(token.id)
@@ -166,6 +174,10 @@ class ChatShaper(_Shaper):
         # pydantic chunk model happy; the OpenAI SDK reads the same values.
         return {"role": "assistant", "content": content, "tool_calls": tool_calls}
 
+    @staticmethod
+    def _reasoning_delta(reasoning: str) -> dict:
+        return {"role": "assistant", "content": None, "reasoning_content": reasoning, "tool_calls": None}
+
     def role_chunk(self, index: int) -> dict:
         return self._chunk([{"index": index, "delta": self._delta(""), "logprobs": None,
                              "finish_reason": None}])
@@ -175,10 +187,12 @@ class ChatShaper(_Shaper):
         logprobs = {"content": [self.logprob_entry(event.token, event.top_tokens)]} if self.logprobs else None
         if event.finish is not None:
             self.completion_tokens += event.finish.generated_tokens
+        thought, text = self._reasoning_split(index, event) if self.reasoning else ("", event.text)
+        deltas = [self._reasoning_delta(thought)] if thought else []
         if self.tool_calls:
-            deltas = self._tool_deltas(index, event)
-        else:
-            deltas = [self._delta(event.text)] if event.text else []
+            deltas += self._tool_deltas(index, text, event.finish is not None)
+        elif text:
+            deltas.append(self._delta(text))
         if not deltas and (logprobs is not None or event.finish is not None):
             deltas = [self._delta("")]  # carries the logprobs or the finish reason
         reason = self._finish_reason(index, event.finish) if event.finish is not None else None
@@ -186,10 +200,18 @@ class ChatShaper(_Shaper):
                               "finish_reason": reason if i == len(deltas) - 1 else None}])
                 for i, delta in enumerate(deltas)]
 
-    def _tool_deltas(self, index: int, event: TokenEvent) -> list[dict]:
-        stream = self._streams.setdefault(index, ToolCallStream())
-        pieces = stream.feed(event.text)
+    def _reasoning_split(self, index: int, event: TokenEvent) -> tuple[str, str]:
+        stream = self._thoughts.setdefault(index, ReasoningStream(self.inside))
+        split = stream.feed(event.text)
         if event.finish is not None:
+            last = stream.finish()
+            return split.reasoning + last.reasoning, split.content + last.content
+        return split.reasoning, split.content
+
+    def _tool_deltas(self, index: int, text: str, finished: bool) -> list[dict]:
+        stream = self._streams.setdefault(index, ToolCallStream())
+        pieces = stream.feed(text)
+        if finished:
             try:
                 pieces += stream.finish()
             except ToolCallParseError:
@@ -227,7 +249,17 @@ class ChatShaper(_Shaper):
         return body
 
     def _message(self, finish: Finish) -> tuple[dict, str]:
-        text = finish.generated_text
+        text, reasoning = finish.generated_text, None
+        if self.reasoning:
+            reasoning, text = split_reasoning(text, self.inside)
+        message, reason = self._content_message(text, finish)
+        if self.reasoning:
+            message["reasoning_content"] = reasoning
+            if reasoning is not None and not message["content"]:
+                message["content"] = None
+        return message, reason
+
+    def _content_message(self, text: str, finish: Finish) -> tuple[dict, str]:
         if self.tool_calls:
             try:
                 content, calls = split_tool_calls(text)

@@ -16,6 +16,8 @@ Sampling semantics (README "OpenAI API" lists them):
   `min_p` ∈ [0, 1], `ignore_eos`.
 - `tools` / `tool_choice` / `response_format` / `grammar` are checked for shape here; whether they
   can be honoured is decided by the handler (constrained decoding).
+- `chat_template_kwargs` (vLLM's extra): an object of extra chat-template variables, none of them
+  one the renderer sets itself (router.chat_template.RESERVED_KWARGS).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router import bounds
+from router.chat_template import RESERVED_KWARGS
 from router.errors import InvalidRequestError
 
 MAX_N = 8  # most choices per prompt (each one is a generation: `n` concurrency permits)
@@ -85,6 +88,7 @@ class ChatRequest:
     tool_prompt: str | None = None
     parallel_tool_calls: bool | None = None
     user: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -297,11 +301,20 @@ def parse_chat_request(body: Any, limits: OpenAILimits) -> ChatRequest:
         response_format=_response_format(body.get("response_format"), "response_format"),
         grammar=_response_format(body.get("grammar"), "grammar"),
         tool_prompt=_str(body, "tool_prompt"), parallel_tool_calls=_bool(body, "parallel_tool_calls"),
-        user=_str(body, "user"), raw=body,
+        user=_str(body, "user"), chat_template_kwargs=_template_kwargs(body), raw=body,
     )
     if request.grammar is not None and request.response_format is not None:
         raise InvalidRequestError("'grammar' and 'response_format' cannot both be set.", "grammar")
     return request
+
+
+def _template_kwargs(body: dict) -> dict[str, Any] | None:
+    kwargs = _object(body, "chat_template_kwargs")
+    reserved = sorted(RESERVED_KWARGS.intersection(kwargs or ()))
+    if reserved:
+        raise _value_error("chat_template_kwargs", f"{reserved[0]!r} is set by the server and cannot be "
+                                                   "overridden.")
+    return kwargs
 
 
 def _messages(value: Any, max_messages: int) -> list[dict[str, Any]]:

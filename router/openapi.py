@@ -316,6 +316,10 @@ def _chat_request_schema(limits: ApiLimits) -> dict[str, Any]:
         "grammar": _response_format_schema(RESPONSE_FORMATS[1:]),
         "tool_prompt": {"type": "string", "nullable": True},
         "parallel_tool_calls": {"type": "boolean", "nullable": True},
+        "chat_template_kwargs": {"type": "object", "nullable": True,
+                                 "description": "Extra chat-template variables, e.g. "
+                                                "{\"enable_thinking\": false}; not the ones the server "
+                                                "sets (messages, tools, …)."},
     }, ("messages",))
 
 
@@ -355,6 +359,8 @@ def _openai_response_schemas() -> dict[str, Any]:
                          "function": _object({"name": string, "arguments": string}, ("name", "arguments"))},
                         ("id", "type", "function"))
     message = _object({"role": {"type": "string", "enum": ["assistant"]}, "content": _nullable(string),
+                       "reasoning_content": {**_nullable(string), "description": "A reasoning model's "
+                                             "`<think>` section (with --reasoning-parser)."},
                        "tool_calls": {"type": "array", "items": tool_call}}, ("role", "content"))
     finish = {"type": "string", "enum": ["stop", "length", "tool_calls"]}
     chat_choice = _object({"index": integer, "message": message, "finish_reason": finish,

@@ -60,7 +60,7 @@ def test_router_argv_with_every_option_set():
         otlp_endpoint="http://otel:4317", otlp_service_name="svc", payload_limit=1000,
         max_client_batch_size=2,
         disable_grammar_support=True, tokenizer_config_path="/t.json", disable_prefix_caching=True,
-        api_key_file="/keys", request_timeout=30.0, graceful_termination_timeout=20, client_header_timeout=5.0,
+        reasoning_parser="none", api_key_file="/keys", request_timeout=30.0, graceful_termination_timeout=20, client_header_timeout=5.0,
         client_body_timeout=10.0,
         # not router options: never passed
         dtype="float16", num_shard=2, watermark_delta=1.0, shard_uds_path="/tmp/text-generation-server",
@@ -78,7 +78,8 @@ def test_router_argv_with_every_option_set():
         "--cors-allow-origin", "https://a", "--cors-allow-origin", "https://b", "--json-output",
         "--otlp-endpoint", "http://otel:4317", "--otlp-service-name", "svc", "--payload-limit", "1000",
         "--max-client-batch-size", "2", "--disable-grammar-support", "--tokenizer-config-path", "/t.json",
-        "--disable-prefix-caching", "--api-key-file", "/keys", "--request-timeout", "30.0",
+        "--disable-prefix-caching", "--reasoning-parser", "none", "--api-key-file", "/keys",
+        "--request-timeout", "30.0",
         "--graceful-termination-timeout", "20", "--client-header-timeout", "5.0", "--client-body-timeout", "10.0",
     ]
 

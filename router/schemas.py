@@ -108,11 +108,11 @@ def _invalid_type(path: str, value: Any, expected: str) -> _TypeMismatch:
     return _TypeMismatch(path, f"invalid type: {_unexpected(value)}, expected {expected}")
 
 
-INT_RANGES = {
-    "u32": (0, 2**32 - 1),
-    "u64": (0, 2**64 - 1),
-    "usize": (0, 2**64 - 1),
-    "i32": (-(2**31), 2**31 - 1),
+INT_RANGES = {  # the proto's widths (router/bounds.py), as serde names them
+    "u32": (0, bounds.U32_MAX),
+    "u64": (0, bounds.U64_MAX),
+    "usize": (0, bounds.U64_MAX),
+    "i32": (-bounds.I32_MAX - 1, bounds.I32_MAX),
 }
 
 

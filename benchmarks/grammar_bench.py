@@ -81,7 +81,10 @@ def _grammars() -> list[tuple[str, int, str]]:
 
 
 def load_engine(model_id: str | None, max_tokens: int):
+    from dataclasses import replace
+
     from shard.config import build_config
+    from shard.dtype import choose_dtype
     from shard.distributed import TPGroup
     from shard.engine import Engine
     from shard.model_source import resolve_model
@@ -93,6 +96,7 @@ def load_engine(model_id: str | None, max_tokens: int):
     torch.set_num_threads(config.num_threads)
     source = resolve_model(config.model_id, revision=None, cache_dir=config.cache_dir,
                            hub_cache_dir=config.hub_cache_dir, offline=True, trust_remote_code=False)
+    config = replace(config, dtype=choose_dtype(config.dtype, config.device, source.path).dtype)  # as cli._load
     tp = TPGroup()
     model = get_model(source.path, ModelContext(tp, config.device, config.dtype, config.block_size, False))
     engine = Engine(config, model, tp, source.path)

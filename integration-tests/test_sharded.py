@@ -23,6 +23,16 @@ def generate(url: str, prompt: str) -> str:
     return response.json()["generated_text"]
 
 
+def sample(url: str, prompt: str, seed: int | None = None) -> tuple[str, int]:
+    parameters = {"max_new_tokens": 16, "do_sample": True, "temperature": 0.7, "details": True}
+    if seed is not None:
+        parameters["seed"] = seed
+    response = requests.post(f"{url}/generate", json={"inputs": prompt, "parameters": parameters}, timeout=120)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return body["generated_text"], body["details"]["seed"]
+
+
 def test_two_shards_is_a_clear_error():
     result = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "text-generation-launcher"), "--num-shard", "2",
@@ -43,6 +53,14 @@ def test_three_shards_equal_one_and_a_dead_rank_stops_everything(url):
         with ThreadPoolExecutor(3) as pool:
             got = list(pool.map(lambda p: generate(server.url, p), PROMPTS))
         assert got == expected
+        # Unseeded sampling: the router assigns the seed, so every rank draws the same tokens;
+        # the reported seed reproduces the text, on 3 shards and on one.
+        with ThreadPoolExecutor(3) as pool:
+            sampled = list(pool.map(lambda p: sample(server.url, p), PROMPTS + PROMPTS[:1]))
+        assert len({seed for _, seed in sampled}) == 4
+        for prompt, (text, seed) in zip(PROMPTS + PROMPTS[:1], sampled):
+            assert sample(server.url, prompt, seed) == (text, seed)
+            assert sample(url, prompt, seed) == (text, seed)
         descendants = children(server.process.pid)
         ranks = [pid for pid in descendants if b"serve" in open(f"/proc/{pid}/cmdline", "rb").read()]
         assert len(ranks) == 3

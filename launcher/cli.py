@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import click
 from click.core import ParameterSource
@@ -47,7 +48,9 @@ _OPTIONS = [
             help="Weight quantization at load, CPU only: int8 (per-channel weights, dynamic int8 "
                  "activations) or int4 (grouped weights, bf16 activations). TGI's GPU methods are rejected."),
     _option("--dtype", type=click.Choice(config.DTYPE_CHOICES),
-            help="Weights dtype (default: float32 on CPU, float16 on GPU)."),
+            help="Weights dtype. Default: float32 on CPU; on GPU the checkpoint's float16 or bfloat16 "
+                 "(config.json `torch_dtype`), else bfloat16 (float16 on GPUs before compute capability "
+                 "8.0)."),
     _option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run."),
     _option("--max-concurrent-requests", type=int, help="Requests in flight before new ones get 429."),
     _option("--max-best-of", type=int, help="Largest `best_of` a request may ask for."),
@@ -68,6 +71,9 @@ _OPTIONS = [
     _option("--max-waiting-tokens", type=int,
             help="Decode steps a waiting request may wait before a forced prefill."),
     _option("--max-batch-size", type=int, help="Most requests in one batch (default: no limit)."),
+    _option("--cuda-graphs", metavar="SIZES",
+            help="Decode batch sizes the shards capture as CUDA graphs, comma-separated (TGI's default: "
+                 "1,2,4,8,16,32); 0: none. Default: none yet (see the README). CUDA with flash-attn only."),
     _option("--hostname", help="Address the HTTP server binds (env HOSTNAME, as in TGI)."),
     _option("-p", "--port", type=int, help="HTTP port."),
     _option("--shard-uds-path",
@@ -85,7 +91,9 @@ _OPTIONS = [
     _option("--weights-cache-override",
             help="Exported as WEIGHTS_CACHE_OVERRIDE to download-weights and the shards."),
     _option("--cuda-memory-fraction", type=float,
-            help="Fraction of free GPU memory a shard may use (CUDA only)."),
+            help="Fraction of each GPU's total memory a shard may use, as in TGI: weights, activations and KV "
+                 "cache; the KV cache takes what the warmup leaves of 90% of that share (TGI_WIGGLE_ROOM). "
+                 "CUDA only."),
     _option("--json-output", is_flag=True, help="Log JSON lines (launcher, router and shards)."),
     _option("--otlp-endpoint", help="OpenTelemetry gRPC endpoint for the router's traces."),
     _option("--otlp-service-name", help="OpenTelemetry service name."),
@@ -162,12 +170,13 @@ def _main(**params) -> int:
     env = dict(os.environ)
     try:
         config.validate(args)
-        num_shard = config.resolve_num_shard(args.sharded, args.num_shard, count_visible_gpus(env))
+        num_gpus = count_visible_gpus(env)
+        num_shard = config.resolve_num_shard(args.sharded, args.num_shard, num_gpus)
         config.validate_shards(args, num_shard)
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
 
-    return launch(args, num_shard, env)
+    return launch(replace(args, num_gpus=num_gpus), num_shard, env)
 
 
 def launch(args: LauncherArgs, num_shard: int, env: dict[str, str]) -> int:

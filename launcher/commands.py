@@ -41,8 +41,13 @@ def build_shard_argv(args: LauncherArgs, rank: int, world_size: int) -> list[str
         argv.append("--sharded")
     if args.dtype:
         argv += ["--dtype", args.dtype]
+    if args.num_gpus:
+        # The shard must not fall back to the CPU when its torch cannot see the GPUs counted here.
+        argv += ["--device", "cuda"]
     if args.quantize:
         argv += ["--quantize", args.quantize]
+    if args.cuda_graphs is not None:
+        argv += ["--cuda-graphs", args.cuda_graphs]
     if args.shard_tcp_address:
         argv += ["--tcp-address", args.shard_tcp_address]
     return argv
@@ -65,9 +70,11 @@ def child_env(args: LauncherArgs, base: Mapping[str, str]) -> dict[str, str]:
 
 def shard_env(args: LauncherArgs, rank: int, world_size: int, base: Mapping[str, str]) -> dict[str, str]:
     env = child_env(args, base)
-    local_rank = rank - args.node_rank * (world_size // args.nnodes)
+    local_world_size = world_size // args.nnodes  # the shards of this node; shard i takes its GPU i
+    local_rank = rank - args.node_rank * local_world_size
     env.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
-               MASTER_ADDR=args.master_addr, MASTER_PORT=str(args.master_port))
+               LOCAL_WORLD_SIZE=str(local_world_size), MASTER_ADDR=args.master_addr,
+               MASTER_PORT=str(args.master_port))
     optional = {
         "CUDA_MEMORY_FRACTION": args.cuda_memory_fraction,
         "WATERMARK_GAMMA": args.watermark_gamma,

@@ -61,6 +61,7 @@ class LauncherArgs:
     max_batch_total_tokens: int | None = None
     max_waiting_tokens: int = 20
     max_batch_size: int | None = None
+    cuda_graphs: str | None = None  # TGI's format: "1,2,4,8", "0": none; None: the shards' default
     hostname: str = "0.0.0.0"
     port: int = 3000
     shard_uds_path: str | None = None  # None: {a private 0700 temp dir}/shard, made by the supervisor
@@ -73,7 +74,9 @@ class LauncherArgs:
     shard_tcp_address: str | None = None  # HOST:PORT; local shard i listens on HOST:PORT+i
     huggingface_hub_cache: str | None = None
     weights_cache_override: str | None = None
-    cuda_memory_fraction: float | None = None
+    # TGI's meaning: the share of each GPU's TOTAL memory a shard may use (weights, activations
+    # and KV cache); the shard's CUDA_MEMORY_FRACTION.
+    cuda_memory_fraction: float = 1.0
     json_output: bool = False
     otlp_endpoint: str | None = None
     otlp_service_name: str = "text-generation-inference.router"
@@ -95,8 +98,10 @@ class LauncherArgs:
     disable_prefix_caching: bool = False
     usage_stats: str = "off"
     env: bool = False
-    # Not flags: LOG_LEVEL (TGI's env-only filter) and which options the user set.
+    # Not flags: LOG_LEVEL (TGI's env-only filter), the GPUs cli.py counted (launcher/gpu.py: the
+    # shards then run on CUDA, and refuse to start if torch sees none) and which options the user set.
     log_level: str = "info"
+    num_gpus: int = 0
     explicit: frozenset[str] = field(default_factory=frozenset, repr=False)
 
     @property
@@ -171,8 +176,11 @@ def validate(args: LauncherArgs) -> None:
         raise ConfigError("`max_best_of` must be >= 1")
     if args.waiting_served_ratio < 0:
         raise ConfigError(f"`waiting_served_ratio` must be >= 0 (got {args.waiting_served_ratio})")
-    if args.cuda_memory_fraction is not None and not 0 < args.cuda_memory_fraction <= 1:
+    if not 0 < args.cuda_memory_fraction <= 1:
         raise ConfigError(f"`cuda_memory_fraction` must be in (0, 1] (got {args.cuda_memory_fraction})")
+    if args.cuda_graphs is not None and not _valid_cuda_graphs(args.cuda_graphs):
+        raise ConfigError(f"--cuda-graphs must be positive batch sizes separated by commas, or 0 "
+                          f"(got {args.cuda_graphs!r})")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} is not a valid TCP port")
     if not 0 < args.master_port < 65536:
@@ -202,6 +210,13 @@ def validate(args: LauncherArgs) -> None:
         raise ConfigError(f"--node-rank must be in [0, --nnodes) (got {args.node_rank} of {args.nnodes})")
     if args.nnodes > 1 and not args.shard_tcp_address:
         raise ConfigError("--nnodes > 1 needs --shard-tcp-address HOST:PORT (this node's address the router can reach)")
+
+
+def _valid_cuda_graphs(value: str) -> bool:
+    # The shard parses the same format (shard/config.py parse_cuda_graphs); this checks it before
+    # anything starts, without importing the shard (torch).
+    parts = [part.strip() for part in value.split(",")]
+    return parts == ["0"] or all(part.isdigit() and int(part) > 0 for part in parts)
 
 
 def validate_shards(args: LauncherArgs, num_shard: int) -> None:

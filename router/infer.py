@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 
 from router.errors import IncompleteGenerationError, OverloadedError, RequestTimeoutError, RouterError
 from router.metrics import Metrics
@@ -36,7 +37,8 @@ class Generated:
 
 class Infer:
     def __init__(self, validator: Validator, tokenizer: Tokenizer, queue: Queue, metrics: Metrics,
-                 max_concurrent_requests: int, request_timeout: float | None = None, tracer: Tracer | None = None):
+                 max_concurrent_requests: int, request_timeout: float | None = None, tracer: Tracer | None = None,
+                 draw_seed: Callable[[], int] = lambda: secrets.randbits(64)):
         self.validator = validator
         self.tokenizer = tokenizer
         self.queue = queue
@@ -44,6 +46,7 @@ class Infer:
         self.permits = max_concurrent_requests
         self.request_timeout = request_timeout  # seconds from queueing; None: no deadline
         self.tracer = tracer
+        self.draw_seed = draw_seed
         self._ids = itertools.count()
 
     async def validate(self, request: GenerateRequest) -> ValidRequest:
@@ -71,7 +74,7 @@ class Infer:
     async def stream(self, valid: ValidRequest) -> AsyncIterator[Event]:
         """Events of one generation. Leaving the iterator early (client gone, deadline passed)
         cancels it: the batcher drops it at its next step and frees its KV blocks."""
-        entry = Entry.create(next(self._ids), valid, self.tokenizer)
+        entry = Entry.create(next(self._ids), self._seeded(valid), self.tokenizer)
         if self.tracer is not None:
             entry.trace = self.tracer.step_log()  # its spans: children of the request's
         self.queue.append(entry)
@@ -106,6 +109,16 @@ class Infer:
                 self.queue.notify()
             if entry.trace is not None:
                 self.tracer.end_generation(entry, end)
+
+    def _seeded(self, valid: ValidRequest) -> ValidRequest:
+        """A sampled generation without a seed gets one here, as in TGI's router: every rank of a
+        sharded model must draw the same tokens (the vocab-parallel embedding sums parts of
+        each rank's token), and the seed reported in `details` must reproduce the output. Drawn
+        per generation, not per HTTP request: `best_of` and `n` copies must differ."""
+        params = valid.parameters
+        if not params.do_sample or params.seed is not None:
+            return valid
+        return replace(valid, parameters=replace(params, seed=self.draw_seed()))
 
     def _arm_deadline(self, entry: Entry) -> asyncio.TimerHandle | None:
         """One timer per request, not a timeout around every token read: at the deadline a 408

@@ -74,7 +74,7 @@ class ValidParameters:
     typical_p: float  # 1.0: off
     min_p: float  # 0.0: off
     do_sample: bool  # effective: sample (True) or argmax (False)
-    seed: int | None  # None: the shard draws one (and reports it)
+    seed: int | None  # None: Infer draws one per generation when sampling (and reports it)
     repetition_penalty: float  # 1.0: off
     frequency_penalty: float  # 0.0: off
     presence_penalty: float  # 0.0: off

@@ -14,10 +14,15 @@ backends:
   through block tables directly.
 
 Each backend names the metadata `layout` it reads, and `build_metadata` builds only that.
+`plan_attention` picks the backend and the KV block size together, from the device, the final
+dtype and the model's head dim, and refuses a combination its kernel would reject at warmup.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +31,8 @@ from torch.nn import functional as F
 
 if TYPE_CHECKING:
     from shard.cpu_kernels import PagedDecode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +116,17 @@ class SdpaBackend:
             offset = kv_len - q_len
             mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(offset)
             causal = False
+        gqa = True
+        if mask is not None and q.is_cuda and keys.shape[0] != q.shape[1]:
+            # CUDA SDPA takes GQA only in its flash and math kernels, and flash takes no mask:
+            # with repeated K/V heads the masked chunk reaches the memory-efficient kernel.
+            group = q.shape[1] // keys.shape[0]
+            keys, values, gqa = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0), False
         # 4-D inputs: torch's CPU flash kernel only takes batched inputs (3-D ones fall back to
         # the math path, ~10x slower for a 512-token prompt).
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, is_causal=causal,
-            scale=self.scale, enable_gqa=True,
+            scale=self.scale, enable_gqa=gqa,
         )
         return out[0].transpose(0, 1)
 
@@ -123,10 +136,28 @@ class SdpaBackend:
         flat = meta.decode_kv_slots.reshape(-1)
         keys = k_cache.index_select(0, flat).view(batch, max_kv, *k_cache.shape[1:]).transpose(1, 2)
         values = v_cache.index_select(0, flat).view(batch, max_kv, *v_cache.shape[1:]).transpose(1, 2)
+        if q.is_cuda:
+            return grouped_decode(q, keys, values, meta.decode_kv_mask, self.scale)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=meta.decode_kv_mask, scale=self.scale, enable_gqa=True
         )
         return out.squeeze(2)
+
+
+def grouped_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                   scale: float | None) -> torch.Tensor:
+    """Decode attention without `enable_gqa`, for CUDA: with a mask, torch runs GQA only in its
+    slow math kernel. Each kv head's query heads become its query rows instead (one query token
+    each, so no causality among them; flash-attn does the same for decode), and the padding
+    mask becomes an additive bias, which the memory-efficient and cuDNN kernels take.
+
+    q: [B, H, D]; keys, values: [B, KVH, L, D]; mask: [B, 1, 1, L] bool, True = attend → [B, H, D].
+    """
+    batch, heads, dim = q.shape
+    rows = q.reshape(batch, keys.shape[1], heads // keys.shape[1], dim)  # head h reads kv head h // group
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=bias, scale=scale)
+    return out.reshape(batch, heads, dim)
 
 
 class PagedCpuBackend(SdpaBackend):
@@ -153,24 +184,26 @@ class PagedCpuBackend(SdpaBackend):
 class FlashAttnBackend:
     """flash-attn 2 varlen attention reading K/V straight from the paged cache (CUDA only).
 
-    flash-attn's paged mode needs block sizes that are multiples of 256, so the engine uses
-    256-token blocks with this backend (TGI's "flashdecoding" does the same).
+    `flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...,
+    softmax_scale, causal, ..., block_table)` with a block table (flash-attn >= 2.5.7): k, v are the
+    cache, [num_blocks, block_size, KVH, D] with block_size a multiple of 256; `cu_seqlens_k` is
+    still cumulative, but only its differences (each sequence's kv length) are read: positions
+    come from `block_table` [B, max_blocks] int32. The causal mask is aligned bottom-right, so the
+    queries of a chunk after a cached prefix see that prefix.
     """
 
     name = "flash-attn"
     layout = "flash"
-    block_size = 256
 
-    def __init__(self, scale: float | None = None):
-        from flash_attn import flash_attn_varlen_func  # lazy: never imported on CPU
-
-        self._varlen = flash_attn_varlen_func
+    def __init__(self, scale: float | None, varlen: Callable):
+        self._varlen = varlen
         self.scale = scale
 
     def with_scale(self, scale: float) -> "FlashAttnBackend":
-        return FlashAttnBackend(scale)
+        return FlashAttnBackend(scale, self._varlen)
 
     def forward(self, q, k, v, cache, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, KVH, D] (new tokens) → [T, H, D]."""
         k_cache, v_cache = cache
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v)
@@ -185,17 +218,110 @@ class FlashAttnBackend:
 
 Backend = SdpaBackend | PagedCpuBackend | FlashAttnBackend
 
+# flash-attn 2's limits (csrc/flash_attn/flash_api.cpp, mha_varlen_fwd): fp16/bf16, head dim
+# <= 256 and a multiple of 8 (the Python wrapper pads other sizes, which would copy the whole
+# paged cache every call), paged blocks a multiple of 256, Ampere (sm80) or newer.
+FLASH_BLOCK_SIZE = 256
+FLASH_MAX_HEAD_DIM = 256
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MIN_CAPABILITY = (8, 0)
+CPU_BLOCK_SIZE = 16  # fine-grained prefix reuse; the CPU kernel takes any block size
+# What csrc/paged_attention.cpp dispatches (AT_DISPATCH_FLOATING_TYPES_AND2); any head dim.
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-def select_backend(device: torch.device, scale: float | None, attention: str = "paged",
-                   cpu_kernel: PagedDecode | None = None) -> Backend:
-    """attention "paged": flash-attn on CUDA when installed, the compiled kernel on CPU when it
-    built; "sdpa" (or neither available): torch SDPA."""
-    if attention == "paged" and device.type == "cuda":
-        try:
-            return FlashAttnBackend(scale)
-        except ImportError:
-            pass
-    if attention == "paged" and device.type == "cpu" and cpu_kernel is not None:
+
+@dataclass(frozen=True, slots=True)
+class AttentionPlan:
+    """Which backend runs, with which KV block size, and why (the shard logs it in one line)."""
+
+    name: str  # a backend's `name`: "flash-attn", "cpu-paged" or "sdpa"
+    block_size: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.block_size}-token blocks): {self.reason}"
+
+
+def import_flash_attn() -> Callable:
+    """flash-attn 2's varlen function, provided it reads a paged cache (`block_table`)."""
+    import flash_attn  # lazy: never imported on CPU
+    from flash_attn import flash_attn_varlen_func
+
+    if "block_table" not in inspect.signature(flash_attn_varlen_func).parameters:
+        raise ImportError(f"flash-attn {getattr(flash_attn, '__version__', '?')} reads no paged KV cache "
+                          "(block_table arrived in 2.5.7)")
+    return flash_attn_varlen_func
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def plan_attention(
+    attention: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    block_size: int | None,
+    cpu_kernel_available: bool,
+    flash_import: Callable[[], Callable] = import_flash_attn,
+    capability: tuple[int, int] | None = None,
+) -> AttentionPlan:
+    """The attention backend and KV block size for this model on this device.
+
+    attention "sdpa" (ATTENTION=sdpa): torch SDPA everywhere. "paged" (the default): on CUDA,
+    flash-attn 2 or a refusal (as TGI refuses: SDPA over gathered K/V is a silent slowdown
+    there, so it is an explicit opt-in); on CPU, the compiled kernel when it built and takes the
+    dtype, else SDPA with the reason. `block_size` is the user's request (None: the backend's
+    default). A combination the chosen kernel would reject raises ValueError, one line.
+    `capability` is the GPU's compute capability (None: ask torch).
+    """
+    where = f"{device.type.upper()}, {_dtype_name(dtype)}, head dim {head_dim}"
+    if attention == "sdpa":
+        return AttentionPlan("sdpa", block_size or CPU_BLOCK_SIZE, "ATTENTION=sdpa")
+    if device.type == "cuda":
+        return _plan_flash(device, dtype, head_dim, block_size, flash_import, capability, where)
+    if device.type != "cpu":
+        return AttentionPlan("sdpa", block_size or CPU_BLOCK_SIZE, f"no paged kernel for {device.type}")
+    if not cpu_kernel_available:
+        return AttentionPlan("sdpa", block_size or CPU_BLOCK_SIZE, f"{where}; the CPU paged kernel did not build")
+    if dtype not in CPU_KERNEL_DTYPES:
+        return AttentionPlan("sdpa", block_size or CPU_BLOCK_SIZE,
+                             f"{where}; the CPU paged kernel takes no {_dtype_name(dtype)}")
+    return AttentionPlan("cpu-paged", block_size or CPU_BLOCK_SIZE, where)
+
+
+def _plan_flash(device, dtype, head_dim, block_size, flash_import, capability, where) -> AttentionPlan:
+    instead = "or set ATTENTION=sdpa (torch SDPA, slower)"
+    if dtype not in FLASH_DTYPES:
+        raise ValueError(f"flash-attn takes float16 or bfloat16, not {_dtype_name(dtype)}: pass --dtype bfloat16 "
+                         f"(or float16) {instead}")
+    if head_dim > FLASH_MAX_HEAD_DIM or head_dim % 8:
+        raise ValueError(f"flash-attn takes head dims up to {FLASH_MAX_HEAD_DIM} in multiples of 8, and this model's "
+                         f"is {head_dim}: set ATTENTION=sdpa")
+    if block_size is not None and block_size % FLASH_BLOCK_SIZE:
+        raise ValueError(f"flash-attn reads paged KV blocks of a multiple of {FLASH_BLOCK_SIZE} tokens, not "
+                         f"--block-size {block_size}: omit it (default {FLASH_BLOCK_SIZE}) {instead}")
+    capability = capability or torch.cuda.get_device_capability(device)
+    if tuple(capability) < FLASH_MIN_CAPABILITY:
+        raise ValueError(f"flash-attn 2 needs an Ampere or newer GPU (compute capability >= 8.0; this one is "
+                         f"{capability[0]}.{capability[1]}): set ATTENTION=sdpa")
+    try:
+        flash_import()
+    except Exception as error:  # ImportError, or OSError/RuntimeError from a .so built for another torch/CUDA
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"ATTENTION=paged on CUDA needs flash-attn 2, which does not import ({detail}): install "
+                         f"flash-attn built for this torch and CUDA {instead}") from None
+    return AttentionPlan("flash-attn", block_size or FLASH_BLOCK_SIZE, where)
+
+
+def select_backend(plan: AttentionPlan, scale: float | None, cpu_kernel: PagedDecode | None = None) -> Backend:
+    """The backend `plan` names (logged once, on rank 0: which one runs and why)."""
+    log.info("attention: %s", plan)
+    if plan.name == "flash-attn":
+        return FlashAttnBackend(scale, import_flash_attn())
+    if plan.name == "cpu-paged":
+        assert cpu_kernel is not None, "plan_attention chose the CPU kernel, so it was built"
         return PagedCpuBackend(scale, cpu_kernel)
     return SdpaBackend(scale)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
-import random
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -22,7 +24,17 @@ from pytgi_proto import generate_pb2 as pb
 from shard.sampling import Sampler, SampleOutput, SamplingParams
 
 log = logging.getLogger(__name__)
-_SEEDS = random.SystemRandom()
+
+
+def unseeded_seed(seed_base: int, request_id: int) -> int:
+    """The seed of a sampled request that came without one (the router assigns seeds, so only
+    other clients get here): a pure function of the request id and a base that every rank of the
+    group shares (Engine draws it on rank 0 at start-up), so that all ranks sample the same
+    tokens. splitmix64's finalizer spreads consecutive ids over the whole range."""
+    z = (seed_base + (request_id + 1) * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) >> 1  # 63 bits: a valid torch seed, a valid TGI u64
 
 
 @dataclass(slots=True)
@@ -95,6 +107,15 @@ class StepInputs:
     prompt_logit_spans: list[tuple[int, int, int]]
 
 
+class StepRows(Protocol):
+    """What a step's bookkeeping reads of its inputs: `StepInputs`, or the `DecodePlan` of a
+    replayed CUDA graph (shard/cuda_graphs.py)."""
+
+    sample_rows: list[int]
+    sample_logits: list[int]
+    prompt_logit_spans: Sequence[tuple[int, int, int]]
+
+
 class Batch:
     def __init__(self, batch_id: int, requests: list[RequestState], sampler: Sampler):
         self.id = batch_id
@@ -108,7 +129,9 @@ class Batch:
 
     @classmethod
     def from_pb(cls, batch: pb.Batch, vocab_size: int, device: torch.device,
-                grammars: Grammars | None = None) -> "Batch":
+                grammars: Grammars | None = None, seed_base: int | None = None) -> "Batch":
+        if seed_base is None:
+            seed_base = secrets.randbits(64)  # one rank (tests): nothing to agree with
         requests, params = [], []
         for r in batch.requests:
             grammar = _grammar_state(r, grammars)
@@ -116,7 +139,7 @@ class Batch:
                 raise ValueError(f"request {r.id}: empty input_ids")
             if r.cache_len >= len(r.input_ids):
                 raise ValueError(f"request {r.id}: cache_len {r.cache_len} must be < prompt length {len(r.input_ids)}")
-            seed = r.parameters.seed if r.parameters.has_seed else _SEEDS.getrandbits(63)
+            seed = r.parameters.seed if r.parameters.has_seed else unseeded_seed(seed_base, r.id)
             p = _params_from_pb(r.parameters, r.top_n_tokens, seed)
             requests.append(RequestState(
                 id=r.id, prompt_ids=list(r.input_ids), output_ids=[], blocks=list(r.blocks),
@@ -198,17 +221,21 @@ class Batch:
             if start + n == r.seq_len:
                 sample_rows.append(row)
                 sample_logits.append(len(logits_index) - 1)
+        # One host tensor, one copy: on CUDA from page-locked memory, so the copy is asynchronous.
+        num_tokens, on_cuda = len(tokens), device.type == "cuda"
+        host = torch.tensor(tokens + positions + logits_index, dtype=torch.long, pin_memory=on_cuda)
+        flat = host.to(device, non_blocking=True) if on_cuda else host
         return StepInputs(
-            input_ids=torch.tensor(tokens, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            input_ids=flat[:num_tokens],
+            positions=flat[num_tokens : 2 * num_tokens],
             meta=build_metadata(seqs, block_size, device, layout),
-            logits_index=torch.tensor(logits_index, dtype=torch.long, device=device),
+            logits_index=flat[2 * num_tokens :],
             sample_rows=sample_rows,
             sample_logits=sample_logits,
             prompt_logit_spans=spans,
         )
 
-    def record_prompt_logprobs(self, inputs: StepInputs, logits: torch.Tensor) -> None:
+    def record_prompt_logprobs(self, inputs: StepRows, logits: torch.Tensor) -> None:
         """Logprob of each prompt token computed this step, from the previous position's logits."""
         for row, first, count in inputs.prompt_logit_spans:
             r = self.requests[row]
@@ -218,16 +245,14 @@ class Batch:
             picked = lines.gather(1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(1)
             r.prompt_logprobs += picked.tolist()
 
-    def advance(self, inputs: StepInputs, out: SampleOutput | None, eos_ids: frozenset[int]) -> list[pb.Generation]:
+    def advance(self, inputs: StepRows, out: SampleOutput | None, eos_ids: frozenset[int]) -> list[pb.Generation]:
         """Account the computed tokens, append sampled ones, stop finished requests."""
         for r in self.requests:
             r.num_computed += r.step_len
             r.chunk_len = None  # a further chunk size arrives as a RequestUpdate, if at all
         if out is None:
             return []
-        ids, logprobs = out.next_ids.tolist(), out.logprobs.tolist()
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        ids, logprobs, top_ids, top_lps = host_lists(out)
         generations = []
         for i, row in enumerate(inputs.sample_rows):
             r = self.requests[row]
@@ -247,6 +272,35 @@ class Batch:
                     generation.finished.ClearField("seed")
             generations.append(generation)
         return generations
+
+
+# (ids, logprobs, top ids, top logprobs) of a step's sampled lines, on the host.
+HostLists = tuple[list[int], list[float], list[list[int]] | None, list[list[float]] | None]
+
+
+def host_lists(out: SampleOutput) -> HostLists:
+    """The sampled ids, their logprobs and the top tokens as Python lists. On CUDA through one
+    packed copy (`packed_host_lists`): each copy to the host waits for the device, so one wait a
+    step instead of up to four. On a CPU nothing waits, and packing would only add work."""
+    if out.next_ids.is_cuda:
+        return packed_host_lists(out)
+    return (out.next_ids.tolist(), out.logprobs.tolist(),
+            None if out.top_ids is None else out.top_ids.tolist(),
+            None if out.top_logprobs is None else out.top_logprobs.tolist())
+
+
+def packed_host_lists(out: SampleOutput) -> HostLists:
+    """`host_lists` from a single device→host copy of every value as float64, which holds the
+    int64 ids (< 2**53) and the float32 logprobs exactly."""
+    columns = [out.next_ids.unsqueeze(1), out.logprobs.unsqueeze(1)]
+    if out.top_ids is not None:
+        columns += [out.top_ids, out.top_logprobs]
+    lines = torch.cat([c.to(torch.float64) for c in columns], dim=1).tolist()
+    ids, logprobs = [int(line[0]) for line in lines], [line[1] for line in lines]
+    if out.top_ids is None:
+        return ids, logprobs, None, None
+    n = out.top_ids.shape[1]
+    return ids, logprobs, [[int(t) for t in line[2 : 2 + n]] for line in lines], [line[2 + n :] for line in lines]
 
 
 def _finish_reason(r: RequestState, token: int, eos_ids: frozenset[int]) -> int | None:

@@ -31,14 +31,22 @@ def _common(fn):
               help="Socket path prefix; rank r listens on {uds-path}-{r}.")
 @click.option("--sharded", is_flag=True, envvar="SHARDED", help="Join a tensor-parallel group (RANK/WORLD_SIZE env).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, envvar="DTYPE",
-              help="Weights dtype (default: float32 on CPU, float16 on CUDA).")
-@click.option("--block-size", type=int, default=None, envvar="BLOCK_SIZE", help="Tokens per KV block (default 16; 256 with flash-attn).")
+              help="Weights dtype. Default: float32 on CPU; on CUDA the checkpoint's float16/bfloat16, "
+                   "else bfloat16 (float16 on GPUs before compute capability 8.0).")
+@click.option("--block-size", type=int, default=None, envvar="BLOCK_SIZE",
+              help="Tokens per KV block (default: the attention backend's, 16 on CPU, 256 with flash-attn).")
+@click.option("--device", default=None, metavar="cpu|cuda|cuda:N",
+              help="cuda: GPU LOCAL_RANK, one per shard of this node, and an error if torch sees none (the launcher "
+                   "passes it when it counts GPUs); cuda:N: that GPU (one shard). Default: CUDA if torch sees it, else CPU.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, envvar="QUANTIZE",
               help="Quantize the linear layers' weights at load (CPU only).")
 @click.option("--tcp-address", default=None, envvar="SHARD_TCP_ADDRESS", metavar="HOST:PORT",
               help="Multi-node: also serve on TCP at HOST, port PORT + LOCAL_RANK, and advertise it to the router.")
+@click.option("--cuda-graphs", default=None, envvar="CUDA_GRAPHS", metavar="SIZES",
+              help="Decode batch sizes to capture as CUDA graphs, e.g. 1,2,4,8,16,32; 0: none "
+                   "(CUDA with flash-attn only).")
 def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_path, sharded, dtype, block_size,
-          quantize, tcp_address):
+          device, quantize, tcp_address, cuda_graphs):
     """Load MODEL_ID (default: the bundled SmolLM2-135M-Instruct) and serve it over gRPC."""
     from shard.config import build_config
     from shard.log import setup_logging
@@ -47,7 +55,8 @@ def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_
         config = build_config(
             model_id, revision=revision, uds_path=uds_path, sharded=sharded, dtype=dtype,
             trust_remote_code=trust_remote_code, json_output=json_output, log_level=logger_level,
-            block_size=block_size, quantize=quantize, tcp_address=tcp_address,
+            block_size=block_size, device=device, quantize=quantize, tcp_address=tcp_address,
+            cuda_graphs=cuda_graphs,
         )
     except ValueError as error:
         sys.exit(f"error: {error}")
@@ -59,10 +68,14 @@ def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_
 
 def _load(config):
     """Resolve, load and wrap the model; a user error is one line on stderr and exit 1."""
+    from dataclasses import replace
+
     import torch
 
     from shard.distributed import init_tp_group
+    from shard.dtype import choose_dtype
     from shard.engine import Engine
+    from shard.kv_cache import cap_process_memory
     from shard.model_source import ModelSourceError, resolve_model
     from shard.models import UnsupportedModelError, get_model
     from shard.models.base import ModelContext
@@ -74,6 +87,11 @@ def _load(config):
             hub_cache_dir=config.hub_cache_dir, offline=config.offline,
             trust_remote_code=config.trust_remote_code, progress=log.info,
         )
+        # The dtype, decided once: it needs the checkpoint's config.json, so not at build_config.
+        choice = choose_dtype(config.dtype, config.device, source.path)
+        log.info("dtype %s (%s)", str(choice.dtype).removeprefix("torch."), choice.reason)
+        config = replace(config, dtype=choice.dtype)
+        cap_process_memory(config.device, config.memory_fraction)  # before the weights take their share
         tp = init_tp_group(config)
         cpu_kernel = None
         if config.device.type == "cpu" and config.attention == "paged":

@@ -2,11 +2,18 @@
 
 Layers take a `TPGroup` and call its collectives unconditionally; with world size 1 they return
 their input, so the single-shard path pays nothing and has no `if world_size > 1` branches.
+
+NCCL start-up, in the order torch asks for: the rank's GPU is the current CUDA device
+(`torch.cuda.set_device`) before `init_process_group`, which also gets it as `device_id` (the
+communicator is created on that GPU at once, and an NCCL error surfaces here, not in the first
+forward). The group carries its device: collectives whose tensors the group builds itself (the
+warmup's minimum, the object collectives) put them there, on whatever thread calls them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -24,16 +31,23 @@ class TPGroup:
     rank: int = 0
     world_size: int = 1
     group: object | None = None
+    # Where this group's collectives run: the rank's GPU under NCCL (which takes CUDA tensors
+    # only), the CPU under gloo.
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks in place; `tensor` is an activation, already on the group's device."""
         if self.world_size > 1:
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
-    def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group)
-        return tensor
+    def min_int(self, value: int) -> int:
+        """The smallest `value` over all ranks (e.g. the KV blocks every rank can hold)."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group)
+        return int(tensor.item())
 
     def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `tensor` along the last dimension (rank order)."""
@@ -48,26 +62,47 @@ class TPGroup:
         if self.world_size == 1:
             return [value]
         gathered: list[object] = [None] * self.world_size
-        dist.all_gather_object(gathered, value, group=self.group)
+        with self._current_device():
+            dist.all_gather_object(gathered, value, group=self.group)
         return gathered
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier(group=self.group)
+            with self._current_device():
+                dist.barrier(group=self.group)
+
+    def _current_device(self) -> contextlib.AbstractContextManager:
+        # NOTE: NCCL object collectives and barrier stage their tensors on
+        # torch.cuda.current_device(), which is per thread: set_device in init_tp_group covers
+        # the thread that loaded the model; this covers any other (the server's executor).
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
 
 
-def init_tp_group(config: ShardConfig) -> TPGroup:
-    if config.world_size == 1:
-        return TPGroup()
-    backend = "nccl" if config.device.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend=backend,
+def process_group_options(config: ShardConfig) -> dict:
+    """`init_process_group`'s keyword arguments for this rank: NCCL bound to the rank's GPU, or
+    gloo on the CPU."""
+    cuda = config.device.type == "cuda"
+    return dict(
+        backend="nccl" if cuda else "gloo",
         init_method=f"tcp://{config.master_addr}:{config.master_port}",
         rank=config.rank,
         world_size=config.world_size,
         timeout=COLLECTIVE_TIMEOUT,
+        device_id=config.device if cuda else None,
     )
-    return TPGroup(rank=config.rank, world_size=config.world_size, group=dist.group.WORLD)
+
+
+def init_tp_group(config: ShardConfig) -> TPGroup:
+    if config.device.type == "cuda":
+        # Before the process group and the model: NCCL's staging, kernels and caches default to
+        # the current device, which would be cuda:0 on every rank otherwise.
+        torch.cuda.set_device(config.device)
+    if config.world_size == 1:
+        return TPGroup(device=config.device)
+    dist.init_process_group(**process_group_options(config))
+    return TPGroup(rank=config.rank, world_size=config.world_size, group=dist.group.WORLD, device=config.device)
 
 
 def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -7,17 +7,20 @@ drop finished requests → cache the batch. The router owns KV blocks; the engin
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 
 import torch
 
-from shard.batch import Batch
+from shard.batch import Batch, StepRows
 from shard.config import ShardConfig
+from shard.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from shard.distributed import TPGroup
 from shard.grammar import Grammars
-from shard.kv_cache import KVCache, available_memory
+from shard.kv_cache import KVCache, TransientPeak, kv_budget
 from shard.models.base import CausalLM
+from shard.sampling import warm_up, warmup_rows
 from pytgi_proto import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,12 @@ class Engine:
         self.block_size = model.info.kv_spec.block_size
         self.eos_ids = frozenset(model.info.eos_token_ids)
         self.kv_cache: KVCache | None = None
+        # Decode forwards captured as CUDA graphs for `kv_cache` (end of warmup); None: all eager.
+        self.graphs: DecodeGraphs | None = None
         self.batches: dict[int, Batch] = {}
+        # Rank 0's random base for the seeds of requests that come without one: every rank must
+        # sample the same tokens (a collective: every rank constructs its Engine).
+        self.seed_base = int(tp.all_gather_object(secrets.randbits(64))[0])
         # Constrained decoding; the tokenizer is loaded on the first request with a grammar.
         self.grammars = Grammars(model_path, self.info.vocab_size, self.eos_ids,
                                  trust_remote_code=config.trust_remote_code)
@@ -56,7 +64,8 @@ class Engine:
 
     def prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
         start = time.perf_counter_ns()
-        batch = Batch.from_pb(request.batch, self.info.vocab_size, self.config.device, self.grammars)
+        batch = Batch.from_pb(request.batch, self.info.vocab_size, self.config.device, self.grammars,
+                              self.seed_base)
         concat_ns = None
         if request.HasField("cached_batch"):
             concat_start = time.perf_counter_ns()
@@ -94,47 +103,40 @@ class Engine:
             self.batches.pop(batch_id, None)
 
     def health(self) -> None:
-        # A real (tiny) computation on the device: a wedged CUDA context fails here.
+        # A real (tiny) computation on the device: a wedged CUDA context fails here. `float()`
+        # copies the result to the host, which waits for the kernel (a sync on CUDA), so an
+        # asynchronous error of an earlier step surfaces here too, not in the next request.
         probe = torch.ones(2, device=self.config.device) * 2
         if float(probe.sum()) != 4.0:
             raise RuntimeError("device returned a wrong result")
 
     def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
-        """Run the largest prefill the router will send (on a temporary cache), then size the
-        real KV cache from `max_batch_total_tokens` or the memory budget."""
+        """Run the largest prefill the router will send (on a temporary cache) and a sampler pass
+        at the largest decode batch, then size the real KV cache from `max_batch_total_tokens`
+        or from the memory those left."""
         spec, bs = self.info.kv_spec, self.block_size
         self.kv_cache = None
+        self.graphs = None  # they hold the old cache; the warmup's own steps run eagerly
         self.batches.clear()
-        batch = request.batch
-        if batch.requests:
-            blocks_needed = 1 + sum(-(-(len(r.input_ids) + 1) // bs) for r in batch.requests)
-            self.kv_cache = KVCache(spec, blocks_needed, self.config.device)
-            next_block = 1
-            for r in batch.requests:
-                if not r.blocks:
-                    count = -(-(len(r.input_ids) + 1) // bs)
-                    r.blocks.extend(range(next_block, next_block + count))
-                    next_block += count
-                r.stopping_parameters.max_new_tokens = min(r.stopping_parameters.max_new_tokens or 2, 2)
-            try:
-                response = self.prefill(pb.PrefillRequest(batch=batch))
-                if response.HasField("batch"):
-                    self.decode(pb.DecodeRequest(batches=[response.batch]))
-            except torch.OutOfMemoryError as error:
-                raise RuntimeError(
-                    f"not enough memory to handle {request.max_prefill_tokens} prefill tokens; "
-                    "decrease --max-batch-prefill-tokens"
-                ) from error
-            finally:
-                self.batches.clear()
-                self.kv_cache = None
+        peak = TransientPeak(self.config.device)
+        try:
+            if request.batch.requests:
+                self._warm_prefill(request)
+            # The temporary cache stays during the sampler pass: `peak` subtracts it once.
+            warm_kv_bytes = self.kv_cache.nbytes if self.kv_cache is not None else 0
+            self._warm_sampler()
+        finally:
+            self.batches.clear()
+            self.kv_cache = None
+        transient = peak.bytes(resident=warm_kv_bytes)
         if request.HasField("max_batch_total_tokens"):
             num_blocks = 1 + -(-request.max_batch_total_tokens // bs)
         else:
-            budget = int(available_memory(self.config.device) * self.config.memory_fraction)
+            config = self.config
+            budget = kv_budget(config.device, config.memory_fraction, config.memory_margin, transient)
             num_blocks = budget // spec.bytes_per_block
             # Sharded ranks must agree on one size: take the smallest budget.
-            num_blocks = int(self.tp.all_reduce_min(torch.tensor([num_blocks])).item())
+            num_blocks = self.tp.min_int(num_blocks)
         if num_blocks < 2:
             raise RuntimeError("not enough memory for a KV cache of even one block")
         self.kv_cache = KVCache(spec, num_blocks, self.config.device)
@@ -144,10 +146,53 @@ class Engine:
         max_input = request.max_input_tokens if request.HasField("max_input_tokens") else max_total - 1
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB), capacity %d tokens",
                  num_blocks, bs, self.kv_cache.nbytes / 2**20, capacity)
+        if self.config.device.type == "cuda":
+            log.info("warmup: a step's peak above the weights %.1f MiB (a prefill of %d tokens, a sampler "
+                     "pass of %d rows)",
+                     transient / 2**20, request.max_prefill_tokens,
+                     warmup_rows(self.config.device, self.config.max_batch_size))
+        self.graphs = capture_decode_graphs(self.model, self.kv_cache, self.config, max_total)
         return pb.WarmupResponse(
             max_supported_total_tokens=capacity, max_input_tokens=max_input, max_total_tokens=max_total,
             num_blocks=num_blocks, block_size=bs,
         )
+
+    def _warm_prefill(self, request: pb.WarmupRequest) -> None:
+        """The router's warmup batch (its largest prefill), then one decode, on a temporary cache
+        that is left in `self.kv_cache` for the caller to drop."""
+        spec, bs, batch = self.info.kv_spec, self.block_size, request.batch
+        blocks_needed = 1 + sum(-(-(len(r.input_ids) + 1) // bs) for r in batch.requests)
+        self.kv_cache = KVCache(spec, blocks_needed, self.config.device)
+        next_block = 1
+        for r in batch.requests:
+            if not r.blocks:
+                count = -(-(len(r.input_ids) + 1) // bs)
+                r.blocks.extend(range(next_block, next_block + count))
+                next_block += count
+            r.stopping_parameters.max_new_tokens = min(r.stopping_parameters.max_new_tokens or 2, 2)
+        try:
+            response = self.prefill(pb.PrefillRequest(batch=batch))
+            if response.HasField("batch"):
+                self.decode(pb.DecodeRequest(batches=[response.batch]))
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError(
+                f"not enough memory to handle {request.max_prefill_tokens} prefill tokens; "
+                "decrease --max-batch-prefill-tokens"
+            ) from error
+
+    def _warm_sampler(self) -> None:
+        """A decode step's logits and sampler pass at the most lines one pass holds, every stage
+        on, so that the measured peak includes them (CUDA only: see `warmup_rows`)."""
+        rows = warmup_rows(self.config.device, self.config.max_batch_size)
+        if not rows:
+            return
+        try:
+            warm_up(self.info.vocab_size, rows, self.config.device, self.config.dtype)
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError(
+                f"not enough memory to sample a batch of {rows} over {self.info.vocab_size} tokens "
+                "after the prefill warmup; decrease --max-batch-size or --max-batch-prefill-tokens"
+            ) from error
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -157,17 +202,28 @@ class Engine:
             raise KeyError(f"batch {batch_id} not found in the shard cache")
         return batch
 
+    def _forward(self, batch: Batch) -> tuple[StepRows, torch.Tensor]:
+        """The step's rows and logits: a replayed CUDA graph when the step is a pure decode that
+        fits a captured size, the eager forward otherwise."""
+        plan = self.graphs.plan(batch) if self.graphs is not None else None
+        if plan is not None:
+            return plan, self.graphs.replay(plan)
+        inputs = batch.prepare(self.block_size, self.config.device, self.model.backend.layout)
+        return inputs, self.model.forward(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta,
+                                          inputs.logits_index)
+
     def _step(self, batch: Batch, start_ns: int, concat_ns: int | None, response_type):
         if self.kv_cache is None:
             raise RuntimeError("the KV cache is not allocated: call Warmup first")
-        inputs = batch.prepare(self.block_size, self.config.device, self.model.backend.layout)
-        logits = self.model.forward(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, inputs.logits_index)
+        inputs, logits = self._forward(batch)
         forward_end = time.perf_counter_ns()
         batch.record_prompt_logprobs(inputs, logits)
         out = None
         if inputs.sample_rows:
             mask = batch.grammar_mask(inputs.sample_rows)  # None unless a sampled row has a grammar
-            out = batch.sampler(logits[inputs.sample_logits], rows=inputs.sample_rows, mask=mask)
+            # Sampled lines are ascending: as many as the logits' lines means all of them, no copy.
+            every = len(inputs.sample_logits) == logits.shape[0]
+            out = batch.sampler(logits if every else logits[inputs.sample_logits], rows=inputs.sample_rows, mask=mask)
             batch.sampler.update(inputs.sample_rows, out.next_ids)
         generations = batch.advance(inputs, out, self.eos_ids)
         finished = {g.request_id for g in generations if g.HasField("finished")}

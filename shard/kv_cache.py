@@ -6,6 +6,7 @@ block tables. Block 0 exists but is reserved for the router's health probe.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +47,65 @@ class KVCache:
         return self._storage.numel() * self._storage.element_size()
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes the KV cache could take right now: free GPU memory, or MemAvailable on Linux."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
+def cuda_kv_budget(free: int, total: int, fraction: float, margin: float, transient: int) -> int:
+    """KV cache bytes on a GPU, TGI's rule: this process may use `fraction` of the GPU's `total`
+    memory and plans for (1 - margin) of that. Everything in use on the GPU now (`total - free`:
+    our weights and CUDA context, other processes) counts against it, and so does the
+    `transient` peak a step needs on top (activations, logits, sampler temporaries; measured by
+    the warmup). `free` must be measured after `empty_cache`, with the allocator's reserve
+    returned, or the warmup's freed blocks would count twice."""
+    kept_back = (1.0 - fraction * (1.0 - margin)) * total
+    return max(0, int(free - kept_back) - transient)
+
+
+def cpu_kv_budget(available: int, fraction: float) -> int:
+    """KV cache bytes on a CPU: `fraction` of the RAM available now (MemAvailable); the
+    warmup's temporaries are back with the allocator by then, and the budget is small anyway."""
+    return int(available * fraction)
+
+
+def kv_budget(device: torch.device, fraction: float, margin: float, transient: int) -> int:
+    """Measure the memory now and apply the device's rule (CUDA is never touched on a CPU shard)."""
+    if device.type != "cuda":
+        return cpu_kv_budget(available_ram(), fraction)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # the warmup's freed blocks back to the driver, so mem_get_info sees them
+    free, total = torch.cuda.mem_get_info(device)
+    return cuda_kv_budget(free, total, fraction, margin, transient)
+
+
+class TransientPeak:
+    """The most memory a step holds above what stays resident (CUDA; 0 elsewhere).
+
+    Construction marks the baseline (weights, buffers); `bytes` is the peak allocated since, less
+    `resident` (the warmup's temporary KV cache: its blocks are part of the real cache, not of
+    any step's temporaries). The caching allocator's counters are exact and per device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline = 0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            self.baseline = torch.cuda.memory_allocated(device)
+
+    def bytes(self, resident: int = 0) -> int:
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(self.device)
+        return max(0, torch.cuda.max_memory_allocated(self.device) - self.baseline - resident)
+
+
+def cap_process_memory(device: torch.device, fraction: float) -> None:
+    """Make `fraction` of the GPU's total memory a hard limit for this process's caching
+    allocator, as TGI does: past it, an allocation fails here instead of starving a neighbour."""
+    if device.type == "cuda" and fraction < 1.0:
+        torch.cuda.set_per_process_memory_fraction(float(fraction), device)
+
+
+def available_ram() -> int:
+    """RAM available right now: MemAvailable on Linux."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -58,6 +113,4 @@ def available_memory(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -6,11 +6,14 @@ logit_bias -> repetition penalty -> frequency/presence penalties -> watermark ->
 Stages up to the grammar mask apply to every row; the warpers only to sampling rows.
 Reported log-probs always come from the raw logits, as TGI reports them (for a constrained row
 that is the model's own probability of the token the grammar let through).
+
+On CUDA the lines are processed SAMPLER_CHUNK at a time, so the sampler's [lines, vocab] float32
+temporaries are bounded whatever the batch; `warm_up` puts that bound in the warmup's peak.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import reduce
 from operator import or_
 from typing import TYPE_CHECKING
@@ -36,6 +39,30 @@ _WM_GAMMA = 0.5
 _WM_DELTA = 2.0
 
 _NEG_INF = float("-inf")
+
+# CUDA: most lines one sampler pass works on. Each holds a few [vocab] float32 temporaries
+# (scores, sort values and int64 indices for top-p/typical, softmax, exponential noise), about
+# 40 bytes a token: 128 lines of a 152k vocabulary take ~0.8 GB, while a kernel launch per
+# chunk costs nothing next to a decode step. Each row draws only from its own generator and
+# every stage is row-wise, so chunking changes no token. CPU: one pass (no memory is planned
+# from a measured peak there, and each extra pass costs time).
+SAMPLER_CHUNK = 128
+# The largest top_n_tokens the warmup's pass reports (TGI's default --max-top-n-tokens).
+_WARMUP_TOP_N = 5
+
+
+def chunk_lines(device: torch.device) -> int | None:
+    """Lines per sampler pass on this device; None: all at once."""
+    return SAMPLER_CHUNK if device.type == "cuda" else None
+
+
+def warmup_rows(device: torch.device, max_batch_size: int | None) -> int:
+    """Rows of the warmup's sampler pass: the most lines one pass will ever hold (a chunk, or
+    the router's max batch when smaller); 0 on CPU, whose KV budget is not a measured peak."""
+    chunk = chunk_lines(device)
+    if chunk is None:
+        return 0
+    return min(max_batch_size or chunk, chunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +337,29 @@ class Sampler:
 
         Reads but never mutates the recorded history: call `update` with what was accepted.
         """
+        return self.sample(logits, rows, mask, chunk_lines(self.device))
+
+    def sample(self, logits: torch.Tensor, rows: list[int] | None, mask: GrammarMask | None,
+               chunk: int | None) -> SampleOutput:
+        """`__call__`, `chunk` lines at a time (None: all at once); the tokens do not depend on it."""
+        n_top = self.max_top_n if rows is None else max((self.params[r].top_n_tokens for r in rows),
+                                                          default=0)
+        num_lines = logits.shape[0]
+        if chunk is None or num_lines <= chunk:
+            return self._sample(logits, rows, mask, n_top)
+        lines = list(range(num_lines)) if rows is None else rows
+        parts = [self._sample(logits[start:start + chunk], lines[start:start + chunk],
+                              _mask_lines(mask, start, start + chunk), n_top)
+                 for start in range(0, num_lines, chunk)]
+        tops = [part.top_ids for part in parts]
+        return SampleOutput(
+            torch.cat([part.next_ids for part in parts]), torch.cat([part.logprobs for part in parts]),
+            None if tops[0] is None else torch.cat(tops),
+            None if tops[0] is None else torch.cat([part.top_logprobs for part in parts]),
+        )
+
+    def _sample(self, logits: torch.Tensor, rows: list[int] | None, mask: GrammarMask | None,
+                n_top: int) -> SampleOutput:
         flags = self._flags_of(rows)
         raw = logits.float()
         lse = raw.logsumexp(dim=-1)
@@ -319,9 +369,8 @@ class Sampler:
             next_ids = raw.argmax(dim=-1)  # fast path: all greedy, nothing to process
         logprobs = raw.gather(1, next_ids.unsqueeze(1)).squeeze(1) - lse
         top_ids = top_logprobs = None
-        if flags & _TOP_N:
-            n = self.max_top_n if rows is None else max(self.params[r].top_n_tokens for r in rows)
-            top = raw.topk(min(n, raw.shape[-1]), dim=-1)
+        if n_top:  # every chunk reports the call's n, so the chunks' top tensors concatenate
+            top = raw.topk(min(n_top, raw.shape[-1]), dim=-1)
             top_ids, top_logprobs = top.indices, top.values - lse.unsqueeze(1)
         return SampleOutput(next_ids, logprobs, top_ids, top_logprobs)
 
@@ -424,16 +473,55 @@ class Sampler:
         sub = scores if every else scores.index_select(0, pos_t)
         probs = sub.softmax(dim=-1)
         # Exponential race (argmax p/q, q ~ Exp(1)) equals a multinomial draw; each row draws
-        # only from its own generator, so its tokens ignore batch-mates and row position.
+        # only from its own generator, so its tokens ignore batch-mates and row position. The
+        # draws are uniforms, made exponential by one batched -log: a per-row `exponential_`
+        # takes its log element by element (5x slower on a CPU). A draw of exactly 0 (2**-24
+        # per token) gives q = inf: that token cannot win.
         q = torch.empty_like(probs)
         for k, r in enumerate(brows):
-            q[k].exponential_(generator=self.generators[r])
-        sampled = (probs / q).argmax(dim=-1)
+            q[k].uniform_(generator=self.generators[r])
+        sampled = (probs / q.log_().neg_()).argmax(dim=-1)
         if every:
             return sampled
         out = scores.argmax(dim=-1)
         out.index_copy_(0, pos_t, sampled)
         return out
+
+
+def _mask_lines(mask: GrammarMask | None, start: int, stop: int) -> GrammarMask | None:
+    """The part of `mask` on lines [start, stop), renumbered from 0 (None if it has none)."""
+    if mask is None:
+        return None
+    keep = [k for k, line in enumerate(mask.lines) if start <= line < stop]
+    if not keep:
+        return None
+    index = torch.tensor(keep, dtype=torch.long, device=mask.bits.device)
+    return replace(mask, lines=[mask.lines[k] - start for k in keep], bits=mask.bits.index_select(0, index))
+
+
+def warm_up(vocab_size: int, rows: int, device: torch.device, logits_dtype: torch.dtype) -> None:
+    """One decode step's logits and sampler pass at `rows` lines, with every stage on, so that the
+    warmup's measured peak holds what such a step holds: the lm_head's [rows, vocab] output in the
+    model dtype with its float32 copy, then the float32 lines picked for sampling, the penalty
+    history, and the temporaries of every stage (a greedy row among sampling rows takes the
+    sub-batch path, which copies)."""
+    from shard.grammar import GrammarMask
+
+    everything = SamplingParams(
+        temperature=0.7, top_k=50, top_p=0.9, typical_p=0.95, min_p=0.05, do_sample=True,
+        repetition_penalty=1.1, frequency_penalty=0.1, presence_penalty=0.1,
+        logit_bias=((0, 1.0),), watermark=True, top_n_tokens=_WARMUP_TOP_N,
+    )
+    params = [replace(everything, temperature=0.0)] + [replace(everything, seed=r) for r in range(1, rows)]
+    sampler = Sampler.build(params, [[1, 2, 3]] * rows, [[4]] * rows, vocab_size, device)
+    head = torch.randn(rows, vocab_size, device=device, dtype=logits_dtype)  # the lm_head's output
+    logits = head.float()  # what the model returns
+    del head
+    lines = logits[list(range(rows))]  # Engine._step picks the sampled lines with a list: a copy
+    words = (vocab_size + 31) // 32
+    mask = GrammarMask(list(range(rows)), torch.full((rows, words), -1, dtype=torch.int32))
+    out = sampler(lines, list(range(rows)), mask)
+    sampler.update(list(range(rows)), out.next_ids)
 
 
 def _generator(p: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -45,9 +45,13 @@ class Weights:
         return self._handles[file].get_slice(name)
 
     def _finish(self, tensor: torch.Tensor) -> torch.Tensor:
+        # Move, then convert: given both at once, torch converts a CPU-to-GPU copy on the CPU
+        # (ATen's copy_kernel_cuda: "type conversions are performed on the CPU for CPU-GPU
+        # copies"); on the GPU the conversion is one kernel. On a CPU shard the move is a no-op.
+        tensor = tensor.to(self.device)
         if tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
-        return tensor.to(self.device).contiguous()
+        return tensor.contiguous()
 
     def get(self, name: str) -> torch.Tensor:
         return self._finish(self._slice(name)[:])

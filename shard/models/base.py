@@ -18,7 +18,7 @@ class ModelContext:
     tp: TPGroup
     device: torch.device
     dtype: torch.dtype
-    block_size: int
+    block_size: int | None  # requested KV block size; None: the attention plan's default (attention.py)
     trust_remote_code: bool = False
     quantize: str | None = None  # "int8" | "int4": CPU weight quantization at load (layers/quant.py)
     attention: str = "paged"  # ShardConfig.attention

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from shard.attention import AttentionMetadata, select_backend
+from shard.attention import AttentionMetadata, plan_attention, select_backend
 from shard.kv_cache import KVCache, KVCacheSpec
 from shard.layers.activation import gated
 from shard.layers.embedding import LMHead, VocabParallelEmbedding
@@ -63,7 +63,7 @@ class Attention(nn.Module):
         self.split = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim)
         self.shared = shared
 
-    def forward(self, hidden, rope, cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden, rope, cache, meta: AttentionMetadata, backend=None) -> torch.Tensor:
         tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split(self.split, dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
@@ -72,7 +72,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         q, k = apply_rotary(q, k, *rope)
-        out = self.shared.backend.forward(q, k, v.contiguous(), cache, meta)
+        out = (backend or self.shared.backend).forward(q, k, v.contiguous(), cache, meta)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
 
@@ -99,9 +99,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(weights.get(f"{prefix}.post_attention_layernorm.weight"), eps)
         self.mlp = MLP(f"{prefix}.mlp", config, weights, ctx)
 
-    def forward(self, hidden, residual, rope, cache, meta):
+    def forward(self, hidden, residual, rope, cache, meta, backend=None):
         hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, rope, cache, meta)
+        hidden = self.self_attn(hidden, rope, cache, meta, backend)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -117,7 +117,8 @@ class LlamaModel(nn.Module):
             # No sliding-window masking in the attention backends yet: serve only contexts the
             # window covers entirely, where full attention is exact.
             max_positions = min(max_positions, window)
-        self.backend = select_backend(ctx.device, dim ** -0.5, ctx.attention, ctx.cpu_kernel)
+        plan = plan_attention(ctx.attention, ctx.device, ctx.dtype, dim, ctx.block_size, ctx.cpu_kernel is not None)
+        self.backend = select_backend(plan, dim ** -0.5, ctx.cpu_kernel)
         self.rotary = RotaryEmbedding(config, dim, max_positions, ctx.device)
         shared = Shared(self.backend)
         embed = weights.get_sharded("model.embed_tokens.weight", dim=0, even=False)
@@ -135,17 +136,19 @@ class LlamaModel(nn.Module):
             vocab_size=config.vocab_size,
             max_position_embeddings=max_positions,
             eos_token_ids=eos_token_ids,
-            kv_spec=KVCacheSpec(config.num_hidden_layers, attn.num_kv_heads, attn.head_dim, ctx.block_size, ctx.dtype),
+            kv_spec=KVCacheSpec(config.num_hidden_layers, attn.num_kv_heads, attn.head_dim, plan.block_size, ctx.dtype),
             window_size=window or None,
         )
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, kv_cache: KVCache, meta: AttentionMetadata, logits_index):
+    def forward(self, input_ids, positions, kv_cache: KVCache, meta: AttentionMetadata, logits_index, backend=None):
+        """`backend`: another attention backend for this call, with the metadata it reads (captured
+        CUDA-graph decode: shard/cuda_graphs.py); None: the model's own."""
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary.tables(positions, hidden.dtype)  # (cos, sin), the same for every layer
         residual = None
         for index, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, rope, kv_cache.layer(index), meta)
+            hidden, residual = layer(hidden, residual, rope, kv_cache.layer(index), meta, backend)
         hidden, _ = self.norm(hidden, residual)
         if logits_index is not None:
             hidden = hidden.index_select(0, logits_index)

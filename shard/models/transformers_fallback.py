@@ -36,7 +36,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedConfig
 
 from shard.attention import (
-    AttentionMetadata, Backend, SeqStep, build_metadata, select_backend,
+    AttentionMetadata, AttentionPlan, Backend, SeqStep, build_metadata, plan_attention, select_backend,
 )
 from shard.kv_cache import KVCache, KVCacheSpec
 from shard.models import UnsupportedModelError
@@ -109,6 +109,10 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
 
 
+def _head_dim(text: PretrainedConfig) -> int:
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
 def _max_positions(config: PretrainedConfig) -> int:
     for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         value = getattr(config, name, None)
@@ -121,15 +125,16 @@ def _max_positions(config: PretrainedConfig) -> int:
 class TransformersModel:
     """`CausalLM` over a transformers model; see the module docstring."""
 
-    def __init__(self, model, config: PretrainedConfig, ctx: ModelContext, eos_token_ids: tuple[int, ...]):
+    def __init__(self, model, config: PretrainedConfig, ctx: ModelContext, eos_token_ids: tuple[int, ...],
+                 plan: AttentionPlan):
         text = config.get_text_config()
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        spec = KVCacheSpec(text.num_hidden_layers, kv_heads, head_dim, ctx.block_size, ctx.dtype)
+        head_dim = _head_dim(text)
+        spec = KVCacheSpec(text.num_hidden_layers, kv_heads, head_dim, plan.block_size, ctx.dtype)
         self.model = model
         self.device = ctx.device
-        self.backend: Backend = select_backend(ctx.device, head_dim**-0.5, ctx.attention, ctx.cpu_kernel)
+        self.backend: Backend = select_backend(plan, head_dim**-0.5, ctx.cpu_kernel)
         self._backends: dict[float, Backend] = {self.backend.scale: self.backend}
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._probe(spec, (getattr(config, "architectures", None) or [type(model).__name__])[0])
@@ -160,11 +165,14 @@ class TransformersModel:
                 f"--quantize {ctx.quantize} is implemented for the fast-path architectures (Llama, Mistral, "
                 f"Qwen2, Qwen3), not for the transformers fallback serving {arch}"
             )
+        # Planned before the weights load: a refused combination fails in seconds.
+        plan = plan_attention(ctx.attention, ctx.device, ctx.dtype, _head_dim(config.get_text_config()),
+                              ctx.block_size, ctx.cpu_kernel is not None)
         model = AutoModelForCausalLM.from_pretrained(
             folder, config=copy.deepcopy(config), dtype=ctx.dtype, attn_implementation=ATTN_IMPLEMENTATION,
             trust_remote_code=ctx.trust_remote_code,
         )
-        return cls(model.to(ctx.device).eval(), config, ctx, eos_token_ids)
+        return cls(model.to(ctx.device).eval(), config, ctx, eos_token_ids, plan)
 
     def backend_for(self, scale: float) -> Backend:
         backend = self._backends.get(scale)

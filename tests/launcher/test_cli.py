@@ -45,7 +45,7 @@ def test_defaults(launched):
     assert args.max_top_n_tokens == 5 and args.max_client_batch_size == 4 and args.payload_limit == 2_000_000
     assert args.graceful_termination_timeout == 90 and args.shard_uds_path is None  # a private dir
     assert args.master_addr == "localhost" and args.master_port == 29500 and args.validation_workers == 2
-    assert args.explicit == frozenset()
+    assert args.explicit == frozenset() and args.num_gpus == 0  # CUDA_VISIBLE_DEVICES="": CPU shards
 
 
 def test_flags_and_env_vars(launched):
@@ -70,7 +70,7 @@ def test_every_flag_has_tgis_env_var():
     for opt in cli.main.params:
         if isinstance(opt, click.Option) and opt.name not in ("help", "version", "env"):
             assert opt.envvar == opt.name.upper(), opt.name
-    fields = {name for name in config.defaults() if name != "log_level"}
+    fields = {name for name in config.defaults() if name not in ("log_level", "num_gpus")}  # not flags
     assert fields == {opt.name for opt in cli.main.params if opt.name not in ("help", "version")}
 
 
@@ -122,8 +122,9 @@ def test_shard_count_errors(sharded, num_shard, gpus):
 
 
 def test_shard_count_from_visible_gpus(launched):
-    result, (_, num_shard) = launched(env={"CUDA_VISIBLE_DEVICES": "0,1,2"})
+    result, (args, num_shard) = launched(env={"CUDA_VISIBLE_DEVICES": "0,1,2"})
     assert result.exit_code == 0 and num_shard == 3
+    assert args.num_gpus == 3  # the shards start with --device cuda (test_commands.py)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -207,3 +208,19 @@ def test_flag_table_renders():
         if opt.envvar:
             assert f"`{opt.envvar}`" in row
     assert "| `-p`, `--port` | `PORT` | `3000` |" in table
+
+
+def test_cuda_graphs_from_the_flag_or_tgis_env_var(launched):
+    result, (args, _) = launched(env={"CUDA_GRAPHS": "1,2,4"})
+    assert result.exit_code == 0 and args.cuda_graphs == "1,2,4" and "cuda_graphs" in args.explicit
+    result, (args, _) = launched(["--cuda-graphs", "0"], env={"CUDA_GRAPHS": "1,2,4"})
+    assert result.exit_code == 0 and args.cuda_graphs == "0"
+    assert launched()[1][0].cuda_graphs is None
+
+
+@pytest.mark.parametrize("value", ["0,4", "-1", "2,,4", "a", "1.5", " "])
+def test_cuda_graphs_format_is_checked_before_starting(launched, value):
+    result, (args, _) = launched(["--cuda-graphs", value])
+    assert result.exit_code == 2 and args is None
+    message = f"--cuda-graphs must be positive batch sizes separated by commas, or 0 (got {value!r})"
+    assert result.stderr == f"error: {message}\n"

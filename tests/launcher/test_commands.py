@@ -24,6 +24,15 @@ def test_multinode_shards_get_global_ranks_local_ranks_and_tcp():
     assert commands.build_shard_argv(args, 3, 4)[-2:] == ["--tcp-address", "10.0.0.2:29600"]
     env = commands.shard_env(args, 3, 4, {})
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("3", "1", "4")
+    assert env["LOCAL_WORLD_SIZE"] == "2"  # this node's shards: LOCAL_RANK 1 takes cuda:1, not cuda:3
+
+
+def test_shards_run_on_cuda_when_the_launcher_counted_gpus():
+    """--device cuda makes a shard whose torch sees no GPU refuse to start (not serve on the CPU)."""
+    gpu_args = LauncherArgs(shard_uds_path="/tmp/p", num_gpus=2)
+    assert commands.build_shard_argv(gpu_args, 1, 2)[-3:] == ["--sharded", "--device", "cuda"]
+    assert "--device" not in commands.build_shard_argv(LauncherArgs(shard_uds_path="/tmp/p"), 0, 1)
+    assert commands.shard_env(gpu_args, 1, 2, {})["LOCAL_WORLD_SIZE"] == "2"
 
 
 def test_download_argv():
@@ -116,3 +125,12 @@ def test_gpu_count(monkeypatch):
 
 def test_gpu_count_without_nvidia_smi():
     assert gpu.nvidia_smi_count({"PATH": "/nonexistent"}) == 0
+
+
+def test_cuda_graphs_reach_the_shards_only_when_set():
+    def argv(**fields):
+        return commands.build_shard_argv(LauncherArgs(shard_uds_path="/tmp/p", **fields), 0, 1)
+
+    assert argv(cuda_graphs="1,2,4")[-2:] == ["--cuda-graphs", "1,2,4"]
+    assert argv(cuda_graphs="0")[-2:] == ["--cuda-graphs", "0"]
+    assert "--cuda-graphs" not in argv()  # the shards' default

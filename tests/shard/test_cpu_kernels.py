@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shard import cpu_kernels
-from shard.attention import PagedCpuBackend, SdpaBackend, select_backend
+from shard.attention import PagedCpuBackend, SdpaBackend, plan_attention, select_backend
 from shard.config import build_config
 
 V3 = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}
@@ -50,11 +50,14 @@ def test_the_build_lands_in_a_keyed_cache_folder(paged_kernel):
 
 
 def test_backend_selection(paged_kernel):
-    cpu = torch.device("cpu")
-    assert isinstance(select_backend(cpu, 0.1, "paged", paged_kernel), PagedCpuBackend)
-    assert type(select_backend(cpu, 0.1, "sdpa", paged_kernel)) is SdpaBackend
-    assert type(select_backend(cpu, 0.1, "paged", None)) is SdpaBackend  # did not build here
-    backend = select_backend(cpu, 0.1, "paged", paged_kernel).with_scale(0.5)
+    def select(attention, kernel):
+        plan = plan_attention(attention, torch.device("cpu"), torch.float32, 64, None, kernel is not None)
+        return select_backend(plan, 0.1, kernel)
+
+    assert isinstance(select("paged", paged_kernel), PagedCpuBackend)
+    assert type(select("sdpa", paged_kernel)) is SdpaBackend
+    assert type(select("paged", None)) is SdpaBackend  # did not build here
+    backend = select("paged", paged_kernel).with_scale(0.5)
     assert isinstance(backend, PagedCpuBackend) and backend.scale == 0.5 and backend.kernel is paged_kernel
 
 

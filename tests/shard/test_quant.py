@@ -82,7 +82,9 @@ def test_make_linear_errors():
     assert type(make_linear(torch.zeros(4, 32), None, None)).__name__ == "DenseLinear"
 
 
-def test_quantize_is_cpu_only():
+def test_quantize_is_cpu_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the device check passes first
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="--quantize int8 is implemented for CPU only"):
         build_config(None, revision=None, uds_path="/tmp/x", sharded=False, dtype=None, trust_remote_code=False,
                      json_output=False, log_level="INFO", device="cuda:0", quantize="int8")

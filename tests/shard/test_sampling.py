@@ -407,3 +407,117 @@ def test_penalties_with_padded_or_narrow_logits(vocab_logits):
     scores = sampler._process(logits)
     assert scores[0, 3].item() == 0.5
     assert (scores[0, :3] == 1).all() and (scores[0, 4:] == 1).all()
+
+
+# -- chunking (CUDA bounds the sampler's memory by processing SAMPLER_CHUNK lines at a time) --
+
+
+def _allow(vocab: int, allowed_per_line: list[list[int]]):
+    """A GrammarMask bits tensor: bit t%32 of word t//32 set where token t is allowed."""
+    words = []
+    for allowed in allowed_per_line:
+        row = [0] * ((vocab + 31) // 32)
+        for t in allowed:
+            row[t // 32] |= 1 << (t % 32)
+        words.append([w - 2**32 if w >= 2**31 else w for w in row])  # int32 two's complement
+    return torch.tensor(words, dtype=torch.int32)
+
+
+MIXED = [
+    SamplingParams(),
+    SamplingParams(do_sample=True, seed=11, temperature=0.7, top_k=9, top_p=0.8, typical_p=0.9, min_p=0.02,
+                   repetition_penalty=1.3, frequency_penalty=0.2, presence_penalty=0.3, top_n_tokens=2),
+    SamplingParams(logit_bias=((3, 5.0), (7, -2.0)), repetition_penalty=1.2, top_n_tokens=4),
+    SamplingParams(do_sample=True, seed=12, watermark=True),
+    SamplingParams(do_sample=True, seed=13, top_p=0.6, logit_bias=((1, 1.5),)),
+    SamplingParams(temperature=0.0, do_sample=True, frequency_penalty=0.5),
+    SamplingParams(do_sample=True, seed=14, top_k=3, top_n_tokens=1),
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+@pytest.mark.parametrize("rows", [None, [6, 0, 3, 2, 5]])
+def test_chunked_sampling_equals_one_pass(chunk, rows):
+    vocab = 40
+    prompts = [[i, i + 1, 2] for i in range(len(MIXED))]
+    outputs = [[5, 5, i] for i in range(len(MIXED))]
+    lines = len(MIXED) if rows is None else len(rows)
+    mask_lines = [1, 2, 4] if lines > 4 else [1]
+    bits = _allow(vocab, [[0, 3, 7, 33, 39], [3, 5], [1, 2, 3, 4, 38]][:len(mask_lines)])
+    from shard.grammar import GrammarMask
+
+    one, chunked = (Sampler.build(MIXED, prompts, outputs, vocab, CPU) for _ in range(2))
+    for step in range(4):  # generators and history advance alike over several steps
+        logits = rand_logits(lines, vocab, seed=20 + step)
+        mask = GrammarMask(mask_lines, bits)
+        expected = one.sample(logits, rows, mask, None)
+        got = chunked.sample(logits, rows, mask, chunk)
+        assert torch.equal(got.next_ids, expected.next_ids)
+        assert torch.equal(got.logprobs, expected.logprobs)
+        assert torch.equal(got.top_ids, expected.top_ids)
+        assert torch.equal(got.top_logprobs, expected.top_logprobs)
+        for line in mask_lines:  # the constraint followed its line into its chunk
+            allowed = bits[mask_lines.index(line)]
+            token = int(got.next_ids[line])
+            assert (int(allowed[token // 32]) >> (token % 32)) & 1
+        one.update(rows, expected.next_ids)
+        chunked.update(rows, got.next_ids)
+
+
+def test_chunks_without_top_n_rows_still_concatenate():
+    params = [SamplingParams(top_n_tokens=3)] + [SamplingParams()] * 4
+    sampler = build(params, vocab=16)
+    logits = rand_logits(5, 16, seed=30)
+    out = sampler.sample(logits, None, None, 2)  # the 2nd and 3rd chunks have no top_n row
+    assert out.top_ids.shape == (5, 3)
+    assert torch.equal(out.top_ids, logits.topk(3, dim=-1).indices)
+
+
+def test_cpu_samples_in_one_pass(monkeypatch):
+    calls = []
+    original = Sampler._sample
+
+    def counting(self, *args):
+        calls.append(args[0].shape[0])
+        return original(self, *args)
+
+    monkeypatch.setattr(Sampler, "_sample", counting)
+    build([SamplingParams(do_sample=True, seed=1)] * 300, vocab=8)(rand_logits(300, 8, seed=31))
+    assert calls == [300]
+
+
+def test_chunk_and_warmup_rows_by_device():
+    from shard.sampling import SAMPLER_CHUNK, chunk_lines, warmup_rows
+
+    cuda = torch.device("cuda", 0)
+    assert chunk_lines(CPU) is None and chunk_lines(cuda) == SAMPLER_CHUNK
+    assert warmup_rows(CPU, None) == 0 and warmup_rows(CPU, 8) == 0  # no measured peak on CPU
+    assert warmup_rows(cuda, None) == SAMPLER_CHUNK
+    assert warmup_rows(cuda, 8) == 8
+    assert warmup_rows(cuda, 10 * SAMPLER_CHUNK) == SAMPLER_CHUNK
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
+def test_warm_up_runs_every_stage(monkeypatch, logits_dtype):
+    import shard.grammar
+    import shard.sampling as sampling
+
+    ran = set()
+
+    def spy(name, owner, attr):
+        original = getattr(owner, attr)
+
+        def wrapper(*args, **kwargs):
+            ran.add(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, attr, wrapper)
+
+    for name in ("_top_k", "_top_p", "_typical", "_min_p", "_greenlist_mask"):
+        spy(name, sampling, name)
+    for name in ("_apply_bias", "_apply_penalties", "_choose", "update"):
+        spy(name, Sampler, name)
+    spy("grammar", shard.grammar.GrammarMask, "apply_")
+    sampling.warm_up(1000, 4, CPU, logits_dtype)
+    assert ran == {"_top_k", "_top_p", "_typical", "_min_p", "_greenlist_mask", "_apply_bias",
+                   "_apply_penalties", "_choose", "update", "grammar"}

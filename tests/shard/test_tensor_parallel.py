@@ -47,7 +47,7 @@ def _rank(rank: int, world: int, port: int, folder: str, results) -> None:
     engine.warmup(pb.WarmupRequest(max_batch_total_tokens=1024, max_prefill_tokens=16))
     outputs = generate(engine, _requests())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    results[rank] = (outputs, weight_bytes)
+    results[rank] = (outputs, weight_bytes, engine.seed_base)
     dist.destroy_process_group()
 
 
@@ -63,8 +63,10 @@ def test_tp2_equals_tp1(tiny):
     results = mp.Manager().dict()
     mp.start_processes(_rank, args=(2, _free_port(), str(tiny), results), nprocs=2, join=True, start_method="spawn")
     merged: dict[int, list[int]] = {}
+    # The base of the seeds of unseeded sampled requests is shared: every rank draws the same tokens.
+    assert results[0][2] == results[1][2]
     for rank in range(2):
-        outputs, weight_bytes = results[rank]
+        outputs, weight_bytes, _ = results[rank]
         assert all(request_id % 2 == rank for request_id in outputs)  # each rank reports its own
         merged.update(outputs)
         # Embedding, attention and MLP weights are split; only the norms are replicated.

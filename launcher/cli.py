@@ -92,7 +92,7 @@ _OPTIONS = [
             help="Exported as WEIGHTS_CACHE_OVERRIDE to download-weights and the shards."),
     _option("--cuda-memory-fraction", type=float,
             help="Fraction of each GPU's total memory a shard may use, as in TGI: weights, activations and KV "
-                 "cache; the KV cache takes what the warmup leaves of 90% of that share (TGI_WIGGLE_ROOM). "
+                 "cache; the KV cache takes 90% of what the warmup leaves of that share (TGI_WIGGLE_ROOM). "
                  "CUDA only."),
     _option("--json-output", is_flag=True, help="Log JSON lines (launcher, router and shards)."),
     _option("--otlp-endpoint", help="OpenTelemetry gRPC endpoint for the router's traces."),

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
+from shard.graph_sizes import parse_cuda_graphs
+
 # TGI's quantization methods plus pytgi's CPU ones. Only IMPLEMENTED_QUANTIZE is served; the
 # others are accepted by the parser (TGI deployments pass them) and rejected with one line.
 QUANTIZE_CHOICES = (
@@ -178,9 +180,10 @@ def validate(args: LauncherArgs) -> None:
         raise ConfigError(f"`waiting_served_ratio` must be >= 0 (got {args.waiting_served_ratio})")
     if not 0 < args.cuda_memory_fraction <= 1:
         raise ConfigError(f"`cuda_memory_fraction` must be in (0, 1] (got {args.cuda_memory_fraction})")
-    if args.cuda_graphs is not None and not _valid_cuda_graphs(args.cuda_graphs):
-        raise ConfigError(f"--cuda-graphs must be positive batch sizes separated by commas, or 0 "
-                          f"(got {args.cuda_graphs!r})")
+    try:
+        parse_cuda_graphs(args.cuda_graphs)  # the shard's own parser: one format, checked before any start
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} is not a valid TCP port")
     if not 0 < args.master_port < 65536:
@@ -210,13 +213,6 @@ def validate(args: LauncherArgs) -> None:
         raise ConfigError(f"--node-rank must be in [0, --nnodes) (got {args.node_rank} of {args.nnodes})")
     if args.nnodes > 1 and not args.shard_tcp_address:
         raise ConfigError("--nnodes > 1 needs --shard-tcp-address HOST:PORT (this node's address the router can reach)")
-
-
-def _valid_cuda_graphs(value: str) -> bool:
-    # The shard parses the same format (shard/config.py parse_cuda_graphs); this checks it before
-    # anything starts, without importing the shard (torch).
-    parts = [part.strip() for part in value.split(",")]
-    return parts == ["0"] or all(part.isdigit() and int(part) > 0 for part in parts)
 
 
 def validate_shards(args: LauncherArgs, num_shard: int) -> None:

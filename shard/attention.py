@@ -316,7 +316,7 @@ def _plan_flash(device, dtype, head_dim, block_size, flash_import, capability, w
 
 
 def select_backend(plan: AttentionPlan, scale: float | None, cpu_kernel: PagedDecode | None = None) -> Backend:
-    """The backend `plan` names (logged once, on rank 0: which one runs and why)."""
+    """The backend `plan` names (logged once per rank: which one runs and why)."""
     log.info("attention: %s", plan)
     if plan.name == "flash-attn":
         return FlashAttnBackend(scale, import_flash_attn())

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from shard.graph_sizes import parse_cuda_graphs
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,10 +56,10 @@ class ShardConfig:
     # advertise that address in ServiceDiscovery (the router on node 0 reaches remote ranks).
     tcp_host: str | None = None
     tcp_base_port: int | None = None
-    # CUDA: the share of the allowed memory held back from the KV cache, for what the warmup
-    # does not see (fragmentation, CUDA graphs, NCCL buffers, decode batches larger than the
-    # warmup's). TGI's TGI_WIGGLE_ROOM (default 0.90) is 1 - margin.
-    memory_margin: float = 0.10
+    # CUDA (TGI_WIGGLE_ROOM, TGI's name and default): the share of what the warmup leaves that
+    # the KV cache takes; the rest is for what the warmup does not see (fragmentation, CUDA
+    # graphs, NCCL buffers, decode batches larger than the warmup's).
+    wiggle_room: float = 0.90
     # The router's --max-batch-size (MAX_BATCH_SIZE, only when the user set it): the warmup's
     # sampler pass runs at this many rows (capped at sampling.SAMPLER_CHUNK).
     max_batch_size: int | None = None
@@ -140,7 +142,7 @@ def build_config(
         dtype=DTYPES[dtype] if dtype else None,
         block_size=block_size,
         memory_fraction=memory_fraction if memory_fraction is not None else _memory_fraction(env, dev),
-        memory_margin=1.0 - _fraction(env, "TGI_WIGGLE_ROOM", "0.90", allow_one=False),
+        wiggle_room=_fraction(env, "TGI_WIGGLE_ROOM", "0.90", allow_one=False),
         max_batch_size=int(env["MAX_BATCH_SIZE"]) if env.get("MAX_BATCH_SIZE") else None,
         cache_dir=default_cache_dir(),
         hub_cache_dir=Path(hub_cache) if hub_cache else None,
@@ -156,18 +158,6 @@ def build_config(
         tcp_base_port=tcp_base_port,
         cuda_graphs=parse_cuda_graphs(cuda_graphs),
     )
-
-
-def parse_cuda_graphs(value: str | None) -> tuple[int, ...] | None:
-    """--cuda-graphs: comma-separated positive batch sizes, or "0" (none); None/"": the default."""
-    if value is None or not value.strip():
-        return None
-    parts = [part.strip() for part in value.split(",")]
-    if parts == ["0"]:
-        return ()
-    if not all(part.isdigit() and int(part) > 0 for part in parts):
-        raise ValueError(f"--cuda-graphs must be positive batch sizes separated by commas, or 0 (got {value!r})")
-    return tuple(sorted({int(part) for part in parts}))
 
 
 def _memory_fraction(env, device: torch.device) -> float:

@@ -256,8 +256,16 @@ def capture_decode_graphs(model: CausalLM, kv_cache: KVCache, config: ShardConfi
     backend = KVCacheDecodeBackend(model.backend.scale, FlashDecode())
     # NOTE: a capture records the current device's current stream: make it the cache's device.
     # (Replays need nothing: CUDAGraph.replay switches to its device itself.)
-    with torch.cuda.device(config.device):
-        graphs = DecodeGraphs(model, kv_cache, sizes, width, CudaGraphCapture(config.device), backend)
+    try:
+        with torch.cuda.device(config.device):
+            graphs = DecodeGraphs(model, kv_cache, sizes, width, CudaGraphCapture(config.device), backend)
+    except Exception as error:  # noqa: BLE001 - any capture failure: serve eagerly, as TGI does
+        # A failed capture (an op that syncs, out of memory in the margin, a driver limit) must
+        # not stop the server: graphs are an optimisation, and every step can run eagerly.
+        torch.cuda.empty_cache()
+        log.warning("CUDA graphs: capture failed, decoding eagerly: %s: %s", type(error).__name__,
+                    str(error).strip().splitlines()[0] if str(error).strip() else "")
+        return None
     log.info("CUDA graphs: captured decode at batch sizes %s (block tables of %d blocks)",
              ",".join(map(str, graphs.sizes)), width)
     return graphs

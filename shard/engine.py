@@ -111,9 +111,10 @@ class Engine:
             raise RuntimeError("device returned a wrong result")
 
     def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
-        """Run the largest prefill the router will send (on a temporary cache) and a sampler pass
-        at the largest decode batch, then size the real KV cache from `max_batch_total_tokens`
-        or from the memory those left."""
+        """Run the largest prefill the router will send (on a temporary cache) and one decode
+        step's logits and sampler pass at the most lines a sampler pass holds (CUDA: a chunk of
+        128; larger decode batches' logits are not measured and come out of the wiggle room),
+        then size the real KV cache from `max_batch_total_tokens` or from the memory those left."""
         spec, bs = self.info.kv_spec, self.block_size
         self.kv_cache = None
         self.graphs = None  # they hold the old cache; the warmup's own steps run eagerly
@@ -133,7 +134,7 @@ class Engine:
             num_blocks = 1 + -(-request.max_batch_total_tokens // bs)
         else:
             config = self.config
-            budget = kv_budget(config.device, config.memory_fraction, config.memory_margin, transient)
+            budget = kv_budget(config.device, config.memory_fraction, config.wiggle_room, transient)
             num_blocks = budget // spec.bytes_per_block
             # Sharded ranks must agree on one size: take the smallest budget.
             num_blocks = self.tp.min_int(num_blocks)

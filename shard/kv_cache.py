@@ -47,15 +47,16 @@ class KVCache:
         return self._storage.numel() * self._storage.element_size()
 
 
-def cuda_kv_budget(free: int, total: int, fraction: float, margin: float, transient: int) -> int:
+def cuda_kv_budget(free: int, total: int, fraction: float, wiggle_room: float, transient: int) -> int:
     """KV cache bytes on a GPU, TGI's rule: this process may use `fraction` of the GPU's `total`
-    memory and plans for (1 - margin) of that. Everything in use on the GPU now (`total - free`:
-    our weights and CUDA context, other processes) counts against it, and so does the
-    `transient` peak a step needs on top (activations, logits, sampler temporaries; measured by
-    the warmup). `free` must be measured after `empty_cache`, with the allocator's reserve
-    returned, or the warmup's freed blocks would count twice."""
-    kept_back = (1.0 - fraction * (1.0 - margin)) * total
-    return max(0, int(free - kept_back) - transient)
+    memory; everything in use on the GPU now (`total - free`: our weights and CUDA context, other
+    processes) counts against it, and so does the `transient` peak a step needs on top
+    (activations, logits, sampler temporaries; measured by the warmup). The KV cache takes
+    `wiggle_room` of what is left: TGI's `get_free_memory(device, MEMORY_FRACTION) *
+    TGI_WIGGLE_ROOM`, where TGI's allocator still holds the warmup's peak. `free` must be measured
+    after `empty_cache`, with the allocator's reserve returned, or that peak would count twice."""
+    left = free - (1.0 - fraction) * total - transient
+    return max(0, int(left * wiggle_room))
 
 
 def cpu_kv_budget(available: int, fraction: float) -> int:
@@ -64,14 +65,14 @@ def cpu_kv_budget(available: int, fraction: float) -> int:
     return int(available * fraction)
 
 
-def kv_budget(device: torch.device, fraction: float, margin: float, transient: int) -> int:
+def kv_budget(device: torch.device, fraction: float, wiggle_room: float, transient: int) -> int:
     """Measure the memory now and apply the device's rule (CUDA is never touched on a CPU shard)."""
     if device.type != "cuda":
         return cpu_kv_budget(available_ram(), fraction)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # the warmup's freed blocks back to the driver, so mem_get_info sees them
     free, total = torch.cuda.mem_get_info(device)
-    return cuda_kv_budget(free, total, fraction, margin, transient)
+    return cuda_kv_budget(free, total, fraction, wiggle_room, transient)
 
 
 class TransientPeak:

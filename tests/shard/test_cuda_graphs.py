@@ -14,13 +14,13 @@ from torch.nn import functional as F
 
 from pytgi_proto import generate_pb2 as pb
 from shard.batch import Batch
-from shard.config import parse_cuda_graphs
+from shard.graph_sizes import parse_cuda_graphs
 from shard.cuda_graphs import (
     DEFAULT_SIZES, DecodeGraphs, KVCacheDecodeBackend, capture_decode_graphs, decode_graph_sizes, pick_size,
     plan_decode,
 )
 from tests.conftest import make_engine
-from tests.shard.helpers import BlockPool, collect, greedy_request
+from tests.shard.helpers import BlockPool, collect, generate, greedy_request
 
 BLOCK = 4
 SIZES = (1, 2, 4)
@@ -225,3 +225,36 @@ def test_shard_cli_rejects_a_bad_cuda_graphs_before_loading(monkeypatch):
     result = CliRunner().invoke(main, ["serve", "--cuda-graphs", "4,0", "--device", "cpu"])
     assert result.exit_code == 1
     assert "error: --cuda-graphs must be positive batch sizes separated by commas, or 0 (got '4,0')" in result.output
+
+
+def test_a_failed_capture_leaves_the_engine_decoding_eagerly(tiny_llama, monkeypatch, caplog):
+    """Graphs are an optimisation: a capture that fails (an op that syncs while capturing, out of
+    memory in the margin) logs one line and the engine serves eagerly, as in TGI."""
+    import contextlib
+
+    import shard.cuda_graphs as cuda_graphs
+
+    class FailingCapture:
+        def __init__(self, device):
+            pass
+
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    engine = make_engine(tiny_llama, block_size=BLOCK)
+    monkeypatch.setattr(cuda_graphs, "decode_graph_sizes", lambda *args: (1, 2))
+    monkeypatch.setattr(cuda_graphs, "FlashDecode", lambda: sdpa_decode)
+    monkeypatch.setattr(cuda_graphs, "CudaGraphCapture", FailingCapture)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    with caplog.at_level(logging.WARNING, logger="shard.cuda_graphs"):
+        assert capture_decode_graphs(engine.model, engine.kv_cache, engine.config, 512) is None
+    assert emptied == [True]
+    assert [r.getMessage() for r in caplog.records] == [
+        "CUDA graphs: capture failed, decoding eagerly: RuntimeError: operation not permitted when stream is capturing"]
+    pool = BlockPool(BLOCK)
+    requests = [greedy_request(i, p, 4, pool) for i, p in enumerate(prompts(2, 5))]
+    assert engine.graphs is None
+    outputs = generate(engine, requests)  # the engine still steps, eagerly
+    assert sorted(outputs) == [0, 1] and all(len(ids) == 4 for ids in outputs.values())

@@ -31,20 +31,21 @@ _CUDA_MEMORY_CALLS = ("synchronize", "empty_cache", "mem_get_info", "reset_peak_
 
 def test_cuda_budget_is_a_share_of_total_memory_as_in_tgi():
     # 141 GiB GPU, 21 GiB in use (weights, context, a neighbour): the process may use all of it
-    # (fraction 1.0) and plans for 90% (margin 0.1): 126.9 - 21 GiB, less a step's 2 GiB peak.
+    # (fraction 1.0); a step needs a 2 GiB peak; the KV cache takes 90% of the rest (TGI_WIGGLE_ROOM 0.90).
     total, free = 141 * GiB, 120 * GiB
-    allowed = 1.0 * 0.9 * total
-    assert kv.cuda_kv_budget(free, total, 1.0, 0.1, 2 * GiB) == int(allowed - (total - free)) - 2 * GiB
+    assert kv.cuda_kv_budget(free, total, 1.0, 0.9, 2 * GiB) == int((total - 21 * GiB - 2 * GiB) * 0.9)
     # Half the GPU: the share is of the total, not of what is free.
-    assert kv.cuda_kv_budget(free, total, 0.5, 0.1, 0) == int(0.45 * total - 21 * GiB)
-    # TGI's get_cuda_free_memory(device, MEMORY_FRACTION * TGI_WIGGLE_ROOM), restated.
+    assert kv.cuda_kv_budget(free, total, 0.5, 0.9, 0) == int((0.5 * total - 21 * GiB) * 0.9)
+    # TGI: get_free_memory(device, MEMORY_FRACTION) = free - (1 - fraction) * total, times
+    # TGI_WIGGLE_ROOM (its allocator still holds the warmup's peak; ours subtracts it).
     for fraction in (0.3, 0.8, 1.0):
-        assert kv.cuda_kv_budget(free, total, fraction, 0.1, 0) == int(free - (1 - fraction * 0.9) * total)
+        tgi = max(0.0, free - (1 - fraction) * total) * 0.9
+        assert kv.cuda_kv_budget(free, total, fraction, 0.9, 0) == int(tgi)
 
 
 def test_cuda_budget_never_negative():
-    assert kv.cuda_kv_budget(10 * GiB, 80 * GiB, 0.5, 0.1, 0) == 0  # 70 GiB in use > 36 GiB allowed
-    assert kv.cuda_kv_budget(70 * GiB, 80 * GiB, 1.0, 0.1, 100 * GiB) == 0  # the peak eats it all
+    assert kv.cuda_kv_budget(10 * GiB, 80 * GiB, 0.5, 0.9, 0) == 0  # 70 GiB in use > 40 GiB allowed
+    assert kv.cuda_kv_budget(70 * GiB, 80 * GiB, 1.0, 0.9, 100 * GiB) == 0  # the peak eats it all
 
 
 def test_cpu_budget_is_a_share_of_available_ram():
@@ -64,7 +65,7 @@ def _forbid_cuda(monkeypatch):
 def test_cpu_measures_ram_and_never_touches_cuda(monkeypatch):
     _forbid_cuda(monkeypatch)
     monkeypatch.setattr(kv, "available_ram", lambda: 8 * GiB)
-    assert kv.kv_budget(CPU, 0.25, 0.1, 123) == 2 * GiB  # no margin, no peak: unchanged CPU rule
+    assert kv.kv_budget(CPU, 0.25, 0.9, 123) == 2 * GiB  # no margin, no peak: unchanged CPU rule
     assert kv.TransientPeak(CPU).bytes(resident=5) == 0
     kv.cap_process_memory(CPU, 0.5)
 
@@ -97,10 +98,10 @@ class FakeCuda:
 
 def test_cuda_budget_measured_after_synchronize_and_empty_cache(monkeypatch):
     fake = FakeCuda(monkeypatch, free=60 * GiB, total=80 * GiB)
-    budget = kv.kv_budget(CUDA, 0.9, 0.1, GiB)
+    budget = kv.kv_budget(CUDA, 0.9, 0.9, GiB)
     assert fake.names() == ["synchronize", "empty_cache", "mem_get_info"]
     assert fake.calls[0][1] == CUDA and fake.calls[2][1] == CUDA  # this rank's GPU, not cuda:0's default
-    assert budget == kv.cuda_kv_budget(60 * GiB, 80 * GiB, 0.9, 0.1, GiB)
+    assert budget == kv.cuda_kv_budget(60 * GiB, 80 * GiB, 0.9, 0.9, GiB)
 
 
 def test_transient_peak_above_the_baseline_less_the_warmup_cache(monkeypatch):
@@ -138,7 +139,7 @@ def _config(monkeypatch, device: str, **env):
 def test_config_defaults(monkeypatch):
     cuda = _config(monkeypatch, "cuda")
     assert cuda.memory_fraction == 1.0  # TGI's default: the whole GPU
-    assert cuda.memory_margin == pytest.approx(0.10)  # TGI_WIGGLE_ROOM 0.90
+    assert cuda.wiggle_room == pytest.approx(0.90)  # TGI's TGI_WIGGLE_ROOM default
     assert cuda.max_batch_size is None
     assert _config(monkeypatch, "cpu").memory_fraction == 0.1  # unchanged
 
@@ -146,7 +147,7 @@ def test_config_defaults(monkeypatch):
 def test_config_from_env(monkeypatch):
     config = _config(monkeypatch, "cuda", CUDA_MEMORY_FRACTION="0.5", TGI_WIGGLE_ROOM="0.8",
                      MAX_BATCH_SIZE="32")
-    assert config.memory_fraction == 0.5 and config.memory_margin == pytest.approx(0.2)
+    assert config.memory_fraction == 0.5 and config.wiggle_room == pytest.approx(0.8)
     assert config.max_batch_size == 32
     assert _config(monkeypatch, "cpu", PYTGI_KV_MEMORY_FRACTION="0.3").memory_fraction == 0.3
 
@@ -210,17 +211,17 @@ def test_warmup_sizes_the_cache_from_the_budget_less_the_peak(monkeypatch, tiny_
             measured["resident"] = resident
             return 777
 
-    def fake_budget(device, fraction, margin, transient):
-        measured["budget"] = (device, fraction, margin, transient)
+    def fake_budget(device, fraction, wiggle_room, transient):
+        measured["budget"] = (device, fraction, wiggle_room, transient)
         return 50 * engine.info.kv_spec.bytes_per_block + 5
 
     monkeypatch.setattr(shard.engine, "TransientPeak", FakePeak)
     monkeypatch.setattr(shard.engine, "kv_budget", fake_budget)
-    engine = _engine(tiny_llama, memory_fraction=0.7, memory_margin=0.2)
+    engine = _engine(tiny_llama, memory_fraction=0.7, wiggle_room=0.8)
     response = engine.warmup(pb.WarmupRequest(max_prefill_tokens=20, batch=_warm_batch()))
     # block 0, then 20 prompt tokens + 1 new one, 4 a block
     warm_cache_bytes = (1 + -(-21 // 4)) * engine.info.kv_spec.bytes_per_block
-    assert measured == {"device": CPU, "resident": warm_cache_bytes, "budget": (CPU, 0.7, 0.2, 777)}
+    assert measured == {"device": CPU, "resident": warm_cache_bytes, "budget": (CPU, 0.7, 0.8, 777)}
     assert response.num_blocks == 50 and engine.kv_cache.num_blocks == 50
 
 

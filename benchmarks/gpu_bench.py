@@ -5,6 +5,7 @@ scripts/gpu-smoke.sh runs the three steps below in order; each also works on its
     python -m benchmarks.gpu_bench wait  --url URL --pid PID --timeout-s 300
     python -m benchmarks.gpu_bench serve --url URL --label default --out pytgi-default.json --expect-device cuda
     python -m benchmarks.gpu_bench hf    --pytgi pytgi-default.json --out hf.json --device cuda
+    python -m benchmarks.gpu_bench random-llama --out DIR    # a model to serve when none is installed
 
 `wait` polls /health until it answers 200 or the server process exits. `serve` checks a running
 pytgi over HTTP (loopback only): greedy generations (kept for `hf`), greedy repeatable, a seeded
@@ -20,6 +21,11 @@ with 1 and with N new tokens (EOS ignored); decode tok/s = B × (N − 1) / (t_N
 of the N − 1 decode steps with prefill and first token taken out. pytgi's batch is B concurrent
 HTTP requests (/v1/completions, token-id prompts, `ignore_eos`), so its rate includes HTTP,
 tokenizer and router costs; transformers' is one static batch in `model.generate`.
+
+`random-llama` writes a small random Llama (4 layers, hidden 512, 8 heads of 64, 2 KV heads,
+vocab 32,000, bf16) with a byte-level BPE tokenizer of exactly that vocabulary, offline: the smoke
+script serves it where the bundled SmolLM2 cannot be installed. Its numbers check the plumbing and
+the kernels at realistic head sizes, not a real model's speed.
 
 Every check prints one line starting with PASS, FAIL or SKIP (the smoke script counts them), and
 the exit status is 1 when any check failed.
@@ -434,6 +440,73 @@ def resolve_model_path(model_id: str | None) -> Path:
                          progress=lambda line: print(f"INFO {line}", flush=True)).path
 
 
+# -- random-llama -----------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2, as in Llama's vocabularies
+
+
+def random_tokenizer(vocab_size: int):
+    """A byte-level BPE `tokenizers.Tokenizer` with exactly `vocab_size` ids: the 3 special tokens,
+    the 256 byte symbols, then merges of byte pairs in a fixed order. Built, not trained: no corpus,
+    nothing to download, the same file every time. Encodes any text; adds <s> in front."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < len(SPECIAL_TOKENS) + len(symbols):
+        raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + len(symbols)}, got {vocab_size}")
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *symbols])}
+    merges = []
+    pairs = ((a, b) for a in symbols for b in symbols)  # 65,536 two-byte tokens at most
+    while len(vocab) < vocab_size:
+        a, b = next(pairs)
+        vocab[a + b] = len(vocab)
+        merges.append((a, b))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[("<s>", 1)])
+    return tokenizer
+
+
+def save_random_llama(folder: Path, *, vocab_size: int = 32000, hidden_size: int = 512, intermediate_size: int = 1408,
+                      num_layers: int = 4, num_heads: int = 8, num_kv_heads: int = 2, max_positions: int = 4096,
+                      dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """A random `LlamaForCausalLM` and its tokenizer in `folder` (safetensors, config, tokenizer.json,
+    tokenizer_config.json), with transformers alone and offline.
+
+    The weights are scaled up (as tests/conftest.py's tiny models are) so that greedy choices are
+    not near-ties, and EOS's output row is zeroed: its logit stays 0 while the others spread over
+    several units, so greedy runs never stop early and every reply has text."""
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.mul_(4.0)
+        model.lm_head.weight[config.eos_token_id].zero_()
+    model.to(getattr(torch, dtype)).eval().save_pretrained(folder)
+    random_tokenizer(vocab_size).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "model_max_length": max_positions,
+        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant: {% endif %}",
+    }, indent=2))
+    return folder
+
+
 # -- CLI --------------------------------------------------------------------------------------
 
 def _batch_sizes(text: str) -> list[int]:
@@ -472,6 +545,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     hf.add_argument("--model-path", help="the model folder itself (skips resolving --model-id)")
     hf.add_argument("--runs", type=int, default=2)
     hf.add_argument("--new-tokens", type=int, default=128, help="when the runs measured no throughput")
+
+    tiny = sub.add_parser("random-llama", help="write a small random Llama and its tokenizer (offline)")
+    tiny.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    tiny.add_argument("--layers", type=int, default=4)
+    tiny.add_argument("--vocab-size", type=int, default=32000)
     args = parser.parse_args(argv)
     if args.command == "serve":
         if not is_loopback_url(args.url):
@@ -487,6 +565,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         state, seconds = asyncio.run(wait_ready(args.url.rstrip("/"), args.pid, args.timeout_s))
         print(f"{state} {seconds:.1f}", flush=True)
         return {"ready": 0, "exited": 3, "timeout": 4}[state]
+    if args.command == "random-llama":
+        save_random_llama(args.out, vocab_size=args.vocab_size, num_layers=args.layers)
+        print(f"{args.out}", flush=True)
+        return 0
     checks = Checks()
     if args.command == "serve":
         run = asyncio.run(serve_checks(args, checks))

@@ -193,3 +193,37 @@ def test_hf_checks_on_a_tiny_model(tiny_llama, tmp_path, capsys):
     assert [t["batch_size"] for t in result["throughput"]] == [1, 2]
     assert result["greedy"]["right"][0]["hf_ids"] == greedy
     assert "batch | pytgi[right] tok/s | pytgi[wrong] tok/s | transformers tok/s" in out
+
+
+# -- `random-llama` ---------------------------------------------------------------------------
+
+def test_random_tokenizer_has_the_exact_vocabulary_and_round_trips_any_text():
+    tokenizer = gb.random_tokenizer(400)
+    assert tokenizer.get_vocab_size() == 400
+    assert [tokenizer.token_to_id(t) for t in gb.SPECIAL_TOKENS] == [0, 1, 2]
+    text = "The capital of France is Paris. ∑ café\n\tdef f():"
+    ids = tokenizer.encode(text).ids
+    assert ids[0] == 1 and max(ids) < 400  # <s> first
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert gb.random_tokenizer(400).to_str() == tokenizer.to_str()  # built, not trained: the same every time
+    with pytest.raises(ValueError, match="at least 259"):
+        gb.random_tokenizer(100)
+
+
+def test_random_llama_loads_in_transformers_the_router_and_the_shard(tmp_path):
+    import transformers
+
+    from router.tokenizer import Tokenizer
+    from tests.conftest import make_engine
+
+    assert gb.main(["random-llama", "--out", str(tmp_path / "m"), "--layers", "1", "--vocab-size", "300"]) == 0
+    folder = gb.save_random_llama(tmp_path / "small", vocab_size=300, hidden_size=64, intermediate_size=128,
+                                  num_layers=1, num_heads=4, num_kv_heads=2, max_positions=256)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    assert (config.vocab_size, config.num_key_value_heads, config.eos_token_id) == (300, 2, 2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    assert model.dtype == torch.bfloat16 and not model.lm_head.weight[2].any()  # EOS never wins greedy
+    tokenizer = Tokenizer.from_folder(folder)
+    assert tokenizer.vocab_size == 300 and tokenizer.encode("hi")[0] == 1
+    engine = make_engine(folder)
+    assert engine.info.impl == "llama" and engine.info.vocab_size == 300

@@ -1,4 +1,4 @@
-"""Quality of `--quantize int8|int4` against fp32 on a fixed prompt set (in-process, no server).
+"""Quality of `--quantize int8|int4|gguf` against fp32 on a fixed prompt set (in-process, no server).
 
 For each prompt (the load generator's default set in the model's chat template):
 * fp32 greedy continuation of `--new-tokens` tokens: the reference;
@@ -8,7 +8,14 @@ For each prompt (the load generator's default set in the model's chat template):
 * free-running greedy: sequences identical to the reference, and the mean length of the common
   prefix (one early flip changes everything after it, so this is the strictest view).
 
-    python -m benchmarks.quant_quality [--model-id DIR] [--methods int8 int4] [--new-tokens 64]
+For a GGUF model the fp32 reference IS the exact dequantized file (model_source.convert_gguf), so
+"gguf" measures what serving the file natively costs against its own exact weights. Two
+diagnostic variants split that cost: "gguf-dense" multiplies in fp32 by exactly the weights the
+int4 kernel holds (its bf16-rounded scales and zeros; fp32 activations), isolating the scale
+rounding; "gguf-f32-head" keeps the Q8_0 LM head as exact fp32, and "gguf-int8-head" requantizes
+it per row for fbgemm's int8 kernel (the alternative to the split-nibble int4 head).
+
+    python -m benchmarks.quant_quality [--model-id DIR] [--methods int8 int4 gguf] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -27,11 +34,35 @@ from shard.attention import SeqStep, build_metadata
 from shard.config import build_config
 from shard.distributed import TPGroup
 from shard.kv_cache import KVCache
+from shard.layers.quant import DenseLinear, Int4Linear, Int8DynamicLinear
 from shard.model_source import resolve_model
 from shard.models import get_model
 from shard.models.base import ModelContext
 
 BLOCK = 16
+METHODS = ("int8", "int4", "gguf", "gguf-dense", "gguf-f32-head", "gguf-int8-head")
+
+
+def _dense_int4(model) -> None:
+    """gguf-dense: every int4 layer replaced by fp32 dense over exactly the kernel's weights."""
+    for module in list(model.modules()):
+        if isinstance(getattr(module, "linear", None), Int4Linear):
+            module.linear = DenseLinear(module.linear.dequantize(), module.linear.bias)
+
+
+def _f32_head(model) -> None:
+    """gguf-f32-head: the LM head as the embedding's exact fp32 table (tied SmolLM2)."""
+    model.lm_head.linear = DenseLinear(model.embed_tokens.weight, None)
+
+
+def _int8_head(model) -> None:
+    """gguf-int8-head: the LM head requantized per row (fbgemm W8A8) from the exact table."""
+    model.lm_head.linear = Int8DynamicLinear(model.embed_tokens.weight, None)
+
+
+# variant → (the --quantize it loads with, what is changed after loading)
+_VARIANTS = {"gguf-dense": ("gguf", _dense_int4), "gguf-f32-head": ("gguf", _f32_head),
+             "gguf-int8-head": ("gguf", _int8_head)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +80,13 @@ class MethodQuality:
 class Runner:
     """One model with its own cache: full-sequence forwards and greedy decoding, one sequence at a time."""
 
-    def __init__(self, folder: Path, quantize: str | None, max_tokens: int):
+    def __init__(self, folder: Path, method: str | None, max_tokens: int):
         start = time.perf_counter()
+        quantize, adjust = _VARIANTS.get(method, (method, None))
         ctx = ModelContext(TPGroup(), torch.device("cpu"), torch.float32, BLOCK, quantize=quantize)
         self.model = get_model(folder, ctx)
+        if adjust is not None:
+            adjust(self.model)
         self.load_s = time.perf_counter() - start
         self.blocks = list(range(1, -(-max_tokens // BLOCK) + 1))
         self.cache = KVCache(self.model.info.kv_spec, len(self.blocks) + 1, torch.device("cpu"))
@@ -123,7 +157,7 @@ def render(results: list[MethodQuality], new_tokens: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-id", default=None, help="local model folder (default: the bundled SmolLM2)")
-    parser.add_argument("--methods", nargs="+", default=["int8", "int4"], choices=["int8", "int4"])
+    parser.add_argument("--methods", nargs="+", default=["int8", "int4"], choices=METHODS)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json-out", default=None)

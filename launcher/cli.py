@@ -46,7 +46,8 @@ _OPTIONS = [
     _option("--num-shard", type=int, help="Number of shards (default: one per visible GPU, or 1 on CPU)."),
     _option("--quantize", type=click.Choice(config.QUANTIZE_CHOICES, case_sensitive=False),
             help="Weight quantization at load, CPU only: int8 (per-channel weights, dynamic int8 "
-                 "activations) or int4 (grouped weights, bf16 activations). TGI's GPU methods are rejected."),
+                 "activations), int4 (grouped weights, bf16 activations), or gguf (a GGUF model's own Q4_0/Q4_1/"
+                 "Q8_0 blocks, no requantization). TGI's GPU methods are rejected."),
     _option("--dtype", type=click.Choice(config.DTYPE_CHOICES),
             help="Weights dtype. Default: float32 on CPU; on GPU the checkpoint's float16 or bfloat16 "
                  "(config.json `torch_dtype`), else bfloat16 (float16 on GPUs before compute capability "

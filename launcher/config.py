@@ -15,11 +15,11 @@ from shard.graph_sizes import parse_cuda_graphs
 # TGI's quantization methods plus pytgi's CPU ones. Only IMPLEMENTED_QUANTIZE is served; the
 # others are accepted by the parser (TGI deployments pass them) and rejected with one line.
 QUANTIZE_CHOICES = (
-    "int8", "int4",
+    "int8", "int4", "gguf",
     "awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin",
     "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8",
 )
-IMPLEMENTED_QUANTIZE = ("int8", "int4")
+IMPLEMENTED_QUANTIZE = ("int8", "int4", "gguf")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 USAGE_STATS_CHOICES = ("on", "off", "no-stack")
 REASONING_PARSER_CHOICES = ("auto", "none", "think", "deepseek_r1", "qwen3")  # router.reasoning.CHOICES
@@ -158,7 +158,7 @@ def validate(args: LauncherArgs) -> None:
     if args.quantize is not None and args.quantize not in IMPLEMENTED_QUANTIZE:
         raise ConfigError(
             f"--quantize {args.quantize} is not supported; pytgi implements "
-            f"{' and '.join(IMPLEMENTED_QUANTIZE)} (CPU weight quantization)")
+            f"{', '.join(IMPLEMENTED_QUANTIZE[:-1])} and {IMPLEMENTED_QUANTIZE[-1]} (CPU weight quantization)")
     if args.max_input_tokens is not None and args.max_input_length is not None:
         raise ConfigError(
             f"both --max-input-tokens ({args.max_input_tokens}) and --max-input-length "

@@ -139,6 +139,10 @@ class ShardedClient:
     async def _all(self, call: Callable[[ShardClient], Awaitable[T]]) -> list[T]:
         """Run `call` on every shard concurrently. The first failure cancels the others (a step
         that failed on one rank is useless on the rest) and is raised."""
+        if len(self.clients) == 1:
+            # NOTE: one shard is awaited in place: a task and a gather would cost two more
+            # event-loop turns on every step.
+            return [await call(self.clients[0])]
         tasks = [asyncio.ensure_future(call(client)) for client in self.clients]
         try:
             return await asyncio.gather(*tasks)

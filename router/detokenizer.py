@@ -5,7 +5,7 @@
 emit the difference. Decoding a single token in isolation is wrong for byte-level BPE: an emoji or a
 CJK character is often split over several tokens, each of which decodes alone to U+FFFD, and some
 tokenizers change a token's leading space depending on what precedes it. A few tokens of context
-(`prefix_offset`) fix the latter; holding the text back while it ends with U+FFFD fixes the former.
+(the prefix) fix the latter; holding the text back while it ends with U+FFFD fixes the former.
 
 `StopSequenceMatcher` applies user stop strings to the streamed text. Stop strings are text, not
 tokens, so they can start in one token's text and end in another's.
@@ -26,11 +26,12 @@ _PROMPT_CONTEXT = 5
 class IncrementalDetokenizer:
     """Per-request streaming decoder.
 
-    Only the ids from `prefix_offset` on are kept: everything before it has been emitted and is no
-    longer needed as context, so memory stays bounded by the tokens since the last emitted text.
+    Only the decoding context is kept (the ids of the last emitted text, then the ids not emitted
+    yet): everything before it has been emitted and is no longer needed, so memory stays bounded
+    by the tokens since the last emitted text.
     """
 
-    __slots__ = ("_tokenizer", "_skip_special", "_ids", "_prefix_offset", "_read_offset", "_prefix_text")
+    __slots__ = ("_tokenizer", "_skip_special", "_ids", "_read_offset", "_prefix_text")
 
     def __init__(
         self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = False
@@ -38,11 +39,10 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         context = list(prompt_ids[max(len(prompt_ids) - _PROMPT_CONTEXT, 0) :])
-        self._ids: list[int] = context
-        self._prefix_offset = 0  # relative to self._ids: start of the decoding context
+        self._ids: list[int] = context  # the decoding context, then the ids not emitted yet
         self._read_offset = len(context)  # first id whose text has not been emitted yet
-        # decode(ids[prefix:read]) only changes when the offsets move; caching it halves the
-        # decode calls per token.
+        # decode(ids[:read]) only changes when the offset moves; caching it halves the decode
+        # calls per token.
         self._prefix_text = self._decode(context)
 
     def add(self, token_id: int) -> str:
@@ -57,15 +57,15 @@ class IncrementalDetokenizer:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
-        new_text = self._decode(self._ids[self._prefix_offset :])
+        new_text = self._decode(self._ids)
         if len(new_text) <= len(self._prefix_text) or (not final and new_text.endswith(_REPLACEMENT)):
             # Nothing visible yet (a skipped special token) or a multi-byte character is still
-            # incomplete: keep the offsets so the next token is decoded together with this one.
+            # incomplete: keep the offset so the next token is decoded together with this one.
             return ""
         piece = new_text[len(self._prefix_text) :]
         # The just-emitted tokens become the next context; drop ids that are no longer needed.
         del self._ids[: self._read_offset]
-        self._prefix_offset, self._read_offset = 0, len(self._ids)
+        self._read_offset = len(self._ids)
         self._prefix_text = self._decode(self._ids)
         return piece
 
@@ -111,6 +111,12 @@ class StopSequenceMatcher:
     @property
     def stopped(self) -> bool:
         return self._stopped
+
+    @property
+    def is_active(self) -> bool:
+        """Whether `feed` can change a piece: False without stop strings (or once stopped there is
+        nothing left to emit, which `feed` must still report)."""
+        return bool(self._stops) or self._stopped
 
     def feed(self, piece: str) -> StopResult:
         if self._stopped:

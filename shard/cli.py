@@ -38,8 +38,9 @@ def _common(fn):
 @click.option("--device", default=None, metavar="cpu|cuda|cuda:N",
               help="cuda: GPU LOCAL_RANK, one per shard of this node, and an error if torch sees none (the launcher "
                    "passes it when it counts GPUs); cuda:N: that GPU (one shard). Default: CUDA if torch sees it, else CPU.")
-@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, envvar="QUANTIZE",
-              help="Quantize the linear layers' weights at load (CPU only).")
+@click.option("--quantize", type=click.Choice(["int8", "int4", "gguf"]), default=None, envvar="QUANTIZE",
+              help="Quantize the linear layers' weights at load (int8, int4), or serve a GGUF file's own quantized "
+                   "weights (gguf). CPU only. Default: none (dense weights in --dtype).")
 @click.option("--tcp-address", default=None, envvar="SHARD_TCP_ADDRESS", metavar="HOST:PORT",
               help="Multi-node: also serve on TCP at HOST, port PORT + LOCAL_RANK, and advertise it to the router.")
 @click.option("--cuda-graphs", default=None, envvar="CUDA_GRAPHS", metavar="SIZES",
@@ -76,7 +77,8 @@ def _load(config):
     from shard.dtype import choose_dtype
     from shard.engine import Engine
     from shard.kv_cache import cap_process_memory
-    from shard.model_source import ModelSourceError, resolve_model
+    from shard.layers.quant import choose_quantize
+    from shard.model_source import ModelSourceError, gguf_origin, resolve_model
     from shard.models import UnsupportedModelError, get_model
     from shard.models.base import ModelContext
 
@@ -87,10 +89,13 @@ def _load(config):
             hub_cache_dir=config.hub_cache_dir, offline=config.offline,
             trust_remote_code=config.trust_remote_code, progress=log.info,
         )
-        # The dtype, decided once: it needs the checkpoint's config.json, so not at build_config.
+        # The dtype and the kernels, decided once: they need the checkpoint, so not at build_config.
+        quantize = choose_quantize(config.quantize, config.device.type, gguf_origin(source.path) is not None,
+                                   _is_fast_path(source.path))
+        log.info("weights %s (%s)", quantize.method or "dense", quantize.reason)
         choice = choose_dtype(config.dtype, config.device, source.path)
         log.info("dtype %s (%s)", str(choice.dtype).removeprefix("torch."), choice.reason)
-        config = replace(config, dtype=choice.dtype)
+        config = replace(config, dtype=choice.dtype, quantize=quantize.method)
         cap_process_memory(config.device, config.memory_fraction)  # before the weights take their share
         tp = init_tp_group(config)
         cpu_kernel = None
@@ -98,8 +103,13 @@ def _load(config):
             from shard.cpu_kernels import load_paged_decode
 
             cpu_kernel = load_paged_decode(config.cache_dir)
+        fused_ops = None
+        if config.device.type == "cpu":
+            from shard.cpu_kernels import load_fused_ops
+
+            fused_ops = load_fused_ops(config.cache_dir)
         ctx = ModelContext(tp, config.device, config.dtype, config.block_size, config.trust_remote_code, config.quantize,
-                           config.attention, cpu_kernel)
+                           config.attention, cpu_kernel, fused_ops)
         model = get_model(source.path, ctx)
     except (ModelSourceError, UnsupportedModelError, FileNotFoundError, KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
@@ -108,6 +118,19 @@ def _load(config):
     log.info("loaded %s (%s, %s%s) from %s", source.model_id, model.info.impl, config.dtype,
              f", {config.quantize} weights" if config.quantize else "", source.path)
     return Engine(config, model, tp, source.path)
+
+
+def _is_fast_path(folder) -> bool:
+    """Served by shard/models/llama.py (the only implementation with GGUF kernels)."""
+    import json
+
+    from shard.models import FAST_PATH
+
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return bool(architectures) and architectures[0] in FAST_PATH
 
 
 @main.command("download-weights")

@@ -293,6 +293,21 @@ def convert_gguf(gguf_file: Path, out_dir: Path, progress: Callable[[str], None]
 CONVERTER_VERSION = 2
 
 
+def gguf_origin(folder: Path) -> Path | None:
+    """The GGUF file a `convert_gguf` folder was made from, while that file is unchanged; None
+    for any other folder. The completion marker records the source path, and the folder's name
+    carries the file's key (path, size, mtime), so a replaced or moved file is not served
+    natively from a conversion of its older self."""
+    marker = Path(folder) / COMPLETE_MARKER
+    try:
+        source = Path(marker.read_text().strip())
+    except OSError:
+        return None
+    if not source.is_file() or Path(folder).name != f"{source.stem}-{_file_key(source)}":
+        return None
+    return source
+
+
 def _file_key(gguf_file: Path) -> str:
     try:
         st = gguf_file.stat()

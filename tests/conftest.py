@@ -85,10 +85,12 @@ def make_config(model_id: str | None = None, block_size: int = 4) -> ShardConfig
 
 
 def make_engine(folder: Path, block_size: int = 4, num_blocks_tokens: int = 4096, quantize: str | None = None,
-                cpu_kernel=None) -> Engine:
-    """An in-process engine; `cpu_kernel` (the `paged_kernel` fixture) selects the paged backend."""
+                cpu_kernel=None, fused_ops=None) -> Engine:
+    """An in-process engine; `cpu_kernel` (the `paged_kernel` fixture) selects the paged backend,
+    `fused_ops` (test_fused_ops.py's fixture) the compiled per-layer kernels."""
     config = make_config(str(folder), block_size)
-    ctx = ModelContext(TPGroup(), config.device, config.dtype, block_size, quantize=quantize, cpu_kernel=cpu_kernel)
+    ctx = ModelContext(TPGroup(), config.device, config.dtype, block_size, quantize=quantize, cpu_kernel=cpu_kernel,
+                       fused_ops=fused_ops)
     model = get_model(folder, ctx)
     engine = Engine(config, model, TPGroup(), folder)
     engine.warmup(pb.WarmupRequest(max_batch_total_tokens=num_blocks_tokens, max_prefill_tokens=64))

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from shard.distributed import TPGroup, shard_range
-from shard.layers.quant import make_linear
+from shard.layers.quant import BlockQuantized, Weight, make_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -32,14 +32,17 @@ class VocabParallelEmbedding(nn.Module):
 class LMHead(nn.Module):
     """Logits for this rank's vocab slice, gathered to the full vocabulary."""
 
-    def __init__(self, weight: torch.Tensor, vocab_size: int, tp: TPGroup, quantize: str | None = None):
+    def __init__(self, weight: Weight, vocab_size: int, tp: TPGroup, quantize: str | None = None):
         super().__init__()
         self.tp = tp
         self.vocab_size = vocab_size
         block = -(-vocab_size // tp.world_size)
         if tp.world_size > 1 and weight.shape[0] < block:
             # all_gather needs equal shapes: the last rank pads its (shorter) slice.
-            weight = torch.cat([weight, weight.new_zeros(block - weight.shape[0], weight.shape[1])])
+            if isinstance(weight, BlockQuantized):
+                weight = weight.padded_rows(block)
+            else:
+                weight = torch.cat([weight, weight.new_zeros(block - weight.shape[0], weight.shape[1])])
         # Quantizing the head pays most at batch 1: with tied embeddings it is a fifth of a small
         # model's bytes (SmolLM2: 113 of 538 MB). The embedding lookup keeps its own full table.
         self.linear = make_linear(weight, None, quantize)

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from shard.distributed import TPGroup
-from shard.layers.quant import make_linear
+from shard.layers.quant import Weight, make_linear
 
 
 class ColumnParallelLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quantize: str | None = None):
+    def __init__(self, weight: Weight, bias: torch.Tensor | None, quantize: str | None = None):
         super().__init__()
         self.linear = make_linear(weight, bias, quantize)
 
@@ -25,7 +25,7 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TPGroup, quantize: str | None = None):
+    def __init__(self, weight: Weight, bias: torch.Tensor | None, tp: TPGroup, quantize: str | None = None):
         super().__init__()
         # The bias is added once, after the reduction, by rank 0 only.
         self.linear = make_linear(weight, bias if tp.rank == 0 else None, quantize)

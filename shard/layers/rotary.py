@@ -5,9 +5,14 @@ reference's. `dynamic` is evaluated at its init length: exact up to max_position
 from __future__ import annotations
 
 import torch
+from typing import TYPE_CHECKING
+
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+if TYPE_CHECKING:
+    from shard.cpu_kernels import FusedOps
 
 
 class RotaryEmbedding(nn.Module):
@@ -32,14 +37,23 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: FusedOps | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [T, H, D], k: [T, KVH, D]; the rotate-half (GPT-NeoX) convention of HF Llama. q and k are
-    rotated as one tensor: half the elementwise ops, and the same arithmetic per element (the
-    results are bit-identical to rotating them apart)."""
+    """q: [T, H, D], k: [T, KVH, D]; the rotate-half (GPT-NeoX) convention of HF Llama. With
+    `kernels` (the compiled CPU kernels) q and k are rotated in place, one call, same bits.
+    Otherwise q and k are rotated as one tensor: half the elementwise ops, and the same
+    arithmetic per element (the results are bit-identical to rotating them apart)."""
+    if kernels is not None and q.dtype in kernels.dtypes and _fusable(q, k, cos, sin):
+        kernels.rotary_(q, k, cos, sin)
+        return q, k
     heads = q.shape[1]
     both = _rotate(torch.cat([q, k], dim=1), cos, sin)
     return both[:, :heads], both[:, heads:]
+
+
+def _fusable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    return (q.device.type == "cpu" and q.stride(-1) == 1 and k.stride(-1) == 1 and cos.is_contiguous()
+            and sin.is_contiguous() and q.dtype == k.dtype == cos.dtype == sin.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

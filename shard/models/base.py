@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 
 from shard.attention import AttentionMetadata, Backend
-from shard.cpu_kernels import PagedDecode
+from shard.cpu_kernels import FusedOps, PagedDecode
 from shard.distributed import TPGroup
 from shard.kv_cache import KVCache, KVCacheSpec
 
@@ -23,6 +23,7 @@ class ModelContext:
     quantize: str | None = None  # "int8" | "int4": CPU weight quantization at load (layers/quant.py)
     attention: str = "paged"  # ShardConfig.attention
     cpu_kernel: PagedDecode | None = None  # the compiled paged decode kernel, when it built (cpu_kernels.py)
+    fused_ops: FusedOps | None = None  # the compiled per-layer CPU kernels, when they built (cpu_kernels.py)
 
 
 @dataclass(frozen=True, slots=True)

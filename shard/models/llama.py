@@ -9,11 +9,14 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from shard.attention import AttentionMetadata, plan_attention, select_backend
+from shard.cpu_kernels import FusedOps
+from shard.gguf_weights import open_for_folder
 from shard.kv_cache import KVCache, KVCacheSpec
 from shard.layers.activation import gated
 from shard.layers.embedding import LMHead, VocabParallelEmbedding
 from shard.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shard.layers.norm import RMSNorm
+from shard.layers.quant import GGUF, cat_weights
 from shard.layers.rotary import RotaryEmbedding, apply_rotary
 from shard.models.base import ModelContext, ModelInfo
 from shard.weights import Weights
@@ -24,12 +27,13 @@ def head_dim(config: PretrainedConfig) -> int:
 
 
 class Shared:
-    """Per-model objects every attention layer uses: the attention backend (one object, so a
-    benchmark or test can swap it for every layer at once). The rotary tables are looked up once
-    per step in `LlamaModel.forward` and handed down."""
+    """Per-model objects every layer uses: the attention backend and the compiled CPU kernels
+    (None: torch ops), one object each, so a benchmark or test can swap them for every layer at
+    once. The rotary tables are looked up once per step in `LlamaModel.forward` and handed down."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, kernels: FusedOps | None = None):
         self.backend = backend
+        self.kernels = kernels
 
 
 def _optional(weights: Weights, name: str, get) -> torch.Tensor | None:
@@ -46,14 +50,14 @@ class Attention(nn.Module):
             raise ValueError(f"{heads} attention heads cannot be split over {world} shards")
         self.num_heads = heads // world
         self.num_kv_heads = max(1, kv_heads // world)
-        qkv = [weights.get_heads(f"{prefix}.{p}_proj.weight", n, self.head_dim)
+        qkv = [weights.get_heads(f"{prefix}.{p}_proj.weight", n, self.head_dim, quantized=True)
                for p, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
         biases = [_optional(weights, f"{prefix}.{p}_proj.bias", lambda name, n=n: weights.get_heads(name, n, self.head_dim))
                   for p, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))]
         self.qkv_proj = ColumnParallelLinear(
-            torch.cat(qkv), torch.cat(biases) if biases[0] is not None else None, ctx.quantize)
+            cat_weights(qkv), torch.cat(biases) if biases[0] is not None else None, ctx.quantize)
         self.o_proj = RowParallelLinear(
-            weights.get_sharded(f"{prefix}.o_proj.weight", dim=1), _optional(weights, f"{prefix}.o_proj.bias", weights.get), ctx.tp,
+            weights.get_sharded(f"{prefix}.o_proj.weight", dim=1, quantized=True), _optional(weights, f"{prefix}.o_proj.bias", weights.get), ctx.tp,
             ctx.quantize,
         )
         # Qwen3: RMSNorm over each head's q and k before the rotary embedding.
@@ -69,9 +73,10 @@ class Attention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        kernels = self.shared.kernels
         if self.q_norm is not None:
-            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
-        q, k = apply_rotary(q, k, *rope)
+            q, k = self.q_norm(q, None, kernels)[0], self.k_norm(k, None, kernels)[0]
+        q, k = apply_rotary(q, k, *rope, kernels)
         out = (backend or self.shared.backend).forward(q, k, v.contiguous(), cache, meta)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
@@ -79,15 +84,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, prefix: str, config: PretrainedConfig, weights: Weights, ctx: ModelContext):
         super().__init__()
-        gate = weights.get_sharded(f"{prefix}.gate_proj.weight", dim=0)
-        up = weights.get_sharded(f"{prefix}.up_proj.weight", dim=0)
-        self.gate_up_proj = ColumnParallelLinear(torch.cat([gate, up]), None, ctx.quantize)
+        gate = weights.get_sharded(f"{prefix}.gate_proj.weight", dim=0, quantized=True)
+        up = weights.get_sharded(f"{prefix}.up_proj.weight", dim=0, quantized=True)
+        self.gate_up_proj = ColumnParallelLinear(cat_weights([gate, up]), None, ctx.quantize)
         self.down_proj = RowParallelLinear(
-            weights.get_sharded(f"{prefix}.down_proj.weight", dim=1), None, ctx.tp, ctx.quantize)
+            weights.get_sharded(f"{prefix}.down_proj.weight", dim=1, quantized=True), None, ctx.tp, ctx.quantize)
         self.act = gated(config.hidden_act)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(hidden)))
+    def forward(self, hidden: torch.Tensor, kernels: FusedOps | None = None) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(hidden), kernels))
 
 
 class DecoderLayer(nn.Module):
@@ -98,12 +103,14 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(f"{prefix}.self_attn", config, weights, ctx, shared)
         self.post_attention_layernorm = RMSNorm(weights.get(f"{prefix}.post_attention_layernorm.weight"), eps)
         self.mlp = MLP(f"{prefix}.mlp", config, weights, ctx)
+        self.shared = shared
 
     def forward(self, hidden, residual, rope, cache, meta, backend=None):
-        hidden, residual = self.input_layernorm(hidden, residual)
+        kernels = self.shared.kernels
+        hidden, residual = self.input_layernorm(hidden, residual, kernels)
         hidden = self.self_attn(hidden, rope, cache, meta, backend)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden, residual = self.post_attention_layernorm(hidden, residual, kernels)
+        return self.mlp(hidden, kernels), residual
 
 
 class LlamaModel(nn.Module):
@@ -120,7 +127,12 @@ class LlamaModel(nn.Module):
         plan = plan_attention(ctx.attention, ctx.device, ctx.dtype, dim, ctx.block_size, ctx.cpu_kernel is not None)
         self.backend = select_backend(plan, dim ** -0.5, ctx.cpu_kernel)
         self.rotary = RotaryEmbedding(config, dim, max_positions, ctx.device)
-        shared = Shared(self.backend)
+        shared = Shared(self.backend, ctx.fused_ops if ctx.device.type == "cpu" else None)
+        self.shared = shared
+        if ctx.quantize == GGUF:
+            # The linear layers read the GGUF's own blocks; norms and the embedding table come
+            # from the dequantized copy (exactly the file's values).
+            weights = weights.serving_gguf(open_for_folder(weights.folder))
         embed = weights.get_sharded("model.embed_tokens.weight", dim=0, even=False)
         self.embed_tokens = VocabParallelEmbedding(embed, config.vocab_size, tp)
         self.layers = nn.ModuleList(
@@ -128,7 +140,10 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(weights.get("model.norm.weight"), config.rms_norm_eps)
         tied = getattr(config, "tie_word_embeddings", False) or not weights.has("lm_head.weight")
-        head = embed if tied else weights.get_sharded("lm_head.weight", dim=0, even=False)
+        head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        # Tied and dense: the embedding's own tensor (one copy in memory); a GGUF served natively
+        # gives the head the file's quantized table.
+        head = embed if tied and weights.gguf is None else weights.get_sharded(head_name, dim=0, even=False, quantized=True)
         self.lm_head = LMHead(head, config.vocab_size, tp, ctx.quantize)
         attn = self.layers[0].self_attn
         self.info = ModelInfo(
@@ -149,7 +164,7 @@ class LlamaModel(nn.Module):
         residual = None
         for index, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, rope, kv_cache.layer(index), meta, backend)
-        hidden, _ = self.norm(hidden, residual)
+        hidden, _ = self.norm(hidden, residual, self.shared.kernels)
         if logits_index is not None:
             hidden = hidden.index_select(0, logits_index)
         return self.lm_head(hidden).float()

@@ -97,7 +97,7 @@ def test_sagemaker_cpu_instance_num_gpus_0_is_ignored(launched):
 def test_sagemaker_quantize_is_rejected_like_the_flag(launched):
     result, _ = launched(env={"HF_MODEL_QUANTIZE": "gptq"})
     assert result.exit_code == 2
-    assert result.stderr == "error: --quantize gptq is not supported; pytgi implements int8 and int4 (CPU weight quantization)\n"
+    assert result.stderr == "error: --quantize gptq is not supported; pytgi implements int8, int4 and gguf (CPU weight quantization)\n"
 
 
 @pytest.mark.parametrize("sharded, num_shard, gpus, expected", [
@@ -141,7 +141,7 @@ def test_shard_count_from_visible_gpus(launched):
      "must be <= `max_batch_total_tokens`"),
     (["--nnodes", "2"], "--nnodes > 1 needs --shard-tcp-address HOST:PORT"),
     (["--nnodes", "2", "--node-rank", "2"], "--node-rank must be in [0, --nnodes) (got 2 of 2)"),
-    (["--quantize", "awq"], "--quantize awq is not supported; pytgi implements int8 and int4"),
+    (["--quantize", "awq"], "--quantize awq is not supported; pytgi implements int8, int4 and gguf"),
     (["--quantize", "nonsense"], "Invalid value for '--quantize'"),
     (["--dtype", "float64"], "Invalid value for '--dtype'"),
     (["--port", "70000"], "--port 70000 is not a valid TCP port"),

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from shard.attention import SdpaBackend, SeqStep, build_metadata
+from benchmarks.decode_step import DecodeStep
+from shard.attention import SdpaBackend
 from shard.config import build_config
-from shard.kv_cache import KVCache
 
 
 def _load(model_id: str | None, quantize: str | None, threads: int | None):
@@ -31,19 +30,8 @@ def _load(model_id: str | None, quantize: str | None, threads: int | None):
 
 
 def _time_steps(model, backend, batch: int, context: int, steps: int) -> float:
-    spec = model.info.kv_spec
-    blocks = -(-context // spec.block_size)
-    cache = KVCache(spec, 1 + batch * blocks, torch.device("cpu"))
-    seqs = [SeqStep(1, context, list(range(1 + i * blocks, 1 + (i + 1) * blocks))) for i in range(batch)]
-    meta = build_metadata(seqs, spec.block_size, torch.device("cpu"), backend.layout)
-    ids = torch.randint(0, 1000, (batch,))
-    positions = torch.full((batch,), context - 1)
     model.layers[0].self_attn.shared.backend = backend  # one object every layer attends through
-    model.forward(ids, positions, cache, meta, None)  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        model.forward(ids, positions, cache, meta, None)
-    return (time.perf_counter() - start) / steps * 1e3
+    return DecodeStep(model, batch, context, backend.layout).time_ms(steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from shard.attention import SeqStep, build_metadata
+from benchmarks.decode_step import DecodeStep
 from shard.config import build_config
-from shard.kv_cache import KVCache
 
 
 def cpu_name() -> str:
@@ -40,36 +39,11 @@ def cpu_name() -> str:
 def _load(model_id: str | None, quantize: str | None, threads: int | None):
     from shard.cli import _load as load_engine
 
-    # No --quantize: fp32 explicitly (a GGUF model's default would be its own quantization).
+    # No --quantize: fp32 explicitly, the fidelity mode (not whatever the default becomes).
     config = build_config(model_id, revision=None, uds_path="", sharded=False,
                           dtype=None if quantize else "float32", trust_remote_code=False,
                           json_output=False, log_level="warning", quantize=quantize, num_threads=threads)
     return load_engine(config).model
-
-
-class DecodeStep:
-    """B sequences with `context` cached tokens each, one new token each: the inputs of one
-    decode forward, built once and replayed."""
-
-    def __init__(self, model, batch: int, context: int):
-        spec = model.info.kv_spec
-        blocks = -(-context // spec.block_size)
-        self.cache = KVCache(spec, 1 + batch * blocks, torch.device("cpu"))
-        seqs = [SeqStep(1, context, list(range(1 + i * blocks, 1 + (i + 1) * blocks))) for i in range(batch)]
-        self.meta = build_metadata(seqs, spec.block_size, torch.device("cpu"), model.backend.layout)
-        self.ids = torch.randint(0, 1000, (batch,))
-        self.positions = torch.full((batch,), context - 1)
-        self.model = model
-
-    def __call__(self) -> torch.Tensor:
-        return self.model.forward(self.ids, self.positions, self.cache, self.meta, None)
-
-    def time_ms(self, steps: int) -> float:
-        self()  # warm-up
-        start = time.perf_counter()
-        for _ in range(steps):
-            self()
-        return (time.perf_counter() - start) / steps * 1e3
 
 
 def _variants(model) -> dict[str, object]:

@@ -19,9 +19,8 @@ import time
 
 import torch
 
-from shard.attention import SeqStep, build_metadata
+from benchmarks.decode_step import DecodeStep
 from shard.config import build_config
-from shard.kv_cache import KVCache
 
 # mode → (--dtype, --quantize) as a user would pass them
 MODES = {"fp32": ("float32", None), "int8": (None, "int8"), "int4": (None, "int4"), "gguf": (None, "gguf")}
@@ -55,21 +54,6 @@ def load(model_id: str | None, mode: str, threads: int | None):
     return model, time.perf_counter() - start
 
 
-def time_steps(model, batch: int, context: int, steps: int) -> float:
-    spec = model.info.kv_spec
-    blocks = -(-context // spec.block_size)
-    cache = KVCache(spec, 1 + batch * blocks, torch.device("cpu"))
-    seqs = [SeqStep(1, context, list(range(1 + i * blocks, 1 + (i + 1) * blocks))) for i in range(batch)]
-    meta = build_metadata(seqs, spec.block_size, torch.device("cpu"), model.backend.layout)
-    ids = torch.randint(0, 1000, (batch,))
-    positions = torch.full((batch,), context - 1)
-    model.forward(ids, positions, cache, meta, None)  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        model.forward(ids, positions, cache, meta, None)
-    return (time.perf_counter() - start) / steps * 1e3
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-id", help="a .gguf file (default: the bundled SmolLM2 Q4_1)")
@@ -100,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {m: [] for m in args.modes}
         for _ in range(args.rounds):
             for mode in args.modes:
-                times[mode].append(time_steps(models[mode], batch, args.context, args.steps))
+                times[mode].append(DecodeStep(models[mode], batch, args.context).time_ms(args.steps))
         med = {m: statistics.median(v) for m, v in times.items()}
         cells = [f"{med[m]:.2f} ms ({batch * 1e3 / med[m]:.0f} tok/s, {med[first] / med[m]:.2f}x)" for m in args.modes]
         print(f"| batch {batch} step | " + " | ".join(cells) + " |")

@@ -112,12 +112,6 @@ class StopSequenceMatcher:
     def stopped(self) -> bool:
         return self._stopped
 
-    @property
-    def is_active(self) -> bool:
-        """Whether `feed` can change a piece: False without stop strings (or once stopped there is
-        nothing left to emit, which `feed` must still report)."""
-        return bool(self._stops) or self._stopped
-
     def feed(self, piece: str) -> StopResult:
         if self._stopped:
             return StopResult("", True, self._matched)

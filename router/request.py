@@ -104,26 +104,8 @@ class Entry:
         stopping criteria or by a stop string matched here)."""
         if prefill:
             self.prefill = tuple(self._info(i, lp, self.tokenizer.decode([i], False)) for i, lp in prefill)
-        generated = self.generated_ids
-        generated.append(token_id)
+        self.generated_ids.append(token_id)
         text = self.detokenizer.add(token_id)
-        if shard_finish is None and not self.stop.is_active:
-            # NOTE: the common step, kept short: no stop string to watch, not the last token.
-            emitted, finish = text, None
-            self.text += text
-        else:
-            emitted, finish = self._end_check(text, shard_finish)
-        top_tokens = tuple(self._info(i, lp, self.tokenizer.decode([i], False)) for i, lp in top) if top else ()
-        self.events.put_nowait(TokenEvent(
-            index=len(generated), token=self._info(token_id, logprob, text), top_tokens=top_tokens, finish=finish,
-            text=emitted, prefill=self.prefill if len(generated) == 1 else (),
-        ))
-        self.finished = finish is not None
-        return self.finished
-
-    def _end_check(self, text: str, shard_finish) -> tuple[str, Finish | None]:
-        """Stop strings and the end: the text to emit (added to `self.text`), and the Finish if
-        the request ends with this token."""
         reason = FINISH_REASONS[shard_finish.finish_reason] if shard_finish is not None else None
         stop = self.stop.feed(text)
         emitted = stop.text_to_emit
@@ -135,10 +117,17 @@ class Entry:
             tail = self.stop.feed(self.detokenizer.flush())
             emitted += tail.text_to_emit + ("" if tail.stopped else self.stop.flush())
         self.text += emitted
-        if reason is None:
-            return emitted, None
-        has_seed = shard_finish is not None and shard_finish.HasField("seed")
-        return emitted, self._finish(reason, shard_finish.seed if has_seed else None)
+        finish = None
+        if reason is not None:
+            has_seed = shard_finish is not None and shard_finish.HasField("seed")
+            finish = self._finish(reason, shard_finish.seed if has_seed else None)
+        self.events.put_nowait(TokenEvent(
+            index=len(self.generated_ids), token=self._info(token_id, logprob, text),
+            top_tokens=tuple(self._info(i, lp, self.tokenizer.decode([i], False)) for i, lp in top),
+            finish=finish, text=emitted, prefill=self.prefill if len(self.generated_ids) == 1 else (),
+        ))
+        self.finished = finish is not None
+        return self.finished
 
     def fail(self, error: RouterError) -> None:
         self.finished = True

@@ -1,7 +1,6 @@
-"""The per-step router path kept its behaviour while getting cheaper: `Entry.on_token`'s short
-path (no stop strings, not the last token), `Batcher._dispatch` reading each generation once, and
-`ShardedClient` awaiting a single shard in place. The oracle below is the per-token algorithm as it
-was before the short path existed (always through the stop matcher)."""
+"""The per-step router path keeps its behaviour: `Entry.on_token` (detokenizer, stop strings,
+events), `Batcher._dispatch`, and `ShardedClient` awaiting a single shard in place. The oracle
+below is the per-token algorithm written out independently (always through the stop matcher)."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def load(model_id: str | None, mode: str, threads: int | None):
     """The model as `shard.cli._load` builds it (the same resolution: `choose_quantize`), without
     the engine around it (its KV cache would take a share of RAM per loaded mode)."""
     from shard.cli import _is_fast_path
-    from shard.cpu_kernels import load_paged_decode
+    from shard.cpu_kernels import load_paged_attention
     from shard.distributed import TPGroup
     from shard.dtype import choose_dtype
     from shard.layers.quant import choose_quantize
@@ -49,7 +49,7 @@ def load(model_id: str | None, mode: str, threads: int | None):
     method = choose_quantize(config.quantize, "cpu", gguf_origin(source.path) is not None,
                              _is_fast_path(source.path)).method
     ctx = ModelContext(TPGroup(), config.device, choose_dtype(config.dtype, config.device, source.path).dtype,
-                       None, quantize=method, cpu_kernel=load_paged_decode(config.cache_dir))
+                       None, quantize=method, cpu_kernel=load_paged_attention(config.cache_dir))
     model = get_model(source.path, ctx)
     return model, time.perf_counter() - start
 

@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
-    from shard.cpu_kernels import PagedDecode
+    from shard.cpu_kernels import PagedAttention
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,9 @@ class AttentionMetadata:
     decode_kv_slots: torch.Tensor | None  # [B_dec, max_kv] int64, padded with slot 0
     decode_kv_mask: torch.Tensor | None  # [B_dec, 1, 1, max_kv] bool, True = attend
     prefills: tuple[PrefillSeq, ...]
-    # "paged" layout: decode rows read the cache through these instead of the padded slots above.
-    decode_block_tables: torch.Tensor | None = None  # [B_dec, max_blocks] int32, padded with block 0
-    decode_kv_lens: torch.Tensor | None = None  # [B_dec] int32
-    # Flash-attn inputs (built only for that backend).
+    # Varlen inputs of the "flash" and "paged" layouts (flash-attn, the CPU kernel): every token is
+    # a row; sequence s owns rows cu_seqlens_q[s]..cu_seqlens_q[s+1]-1 and holds seqlens_k[s]
+    # positions in the blocks of block_tables[s] once they are written.
     cu_seqlens_q: torch.Tensor | None = None
     seqlens_k: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
@@ -65,7 +64,7 @@ class AttentionMetadata:
 
     @property
     def has_decode_rows(self) -> bool:
-        return self.decode_kv_slots is not None or self.decode_block_tables is not None
+        return self.decode_kv_slots is not None
 
 
 class SdpaBackend:
@@ -161,24 +160,28 @@ def grouped_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
 
 
 class PagedCpuBackend(SdpaBackend):
-    """Decode rows through the compiled paged kernel; prefill rows (compute-bound, where the
-    gather is a small part) and explicit-slot probes stay on SDPA."""
+    """Every token of the step through the compiled paged kernel (csrc/paged_attention.cpp), prompt
+    chunks included, so a token's attention has one arithmetic whatever the step holds; only
+    explicit-slot probes (no block tables) take SDPA."""
 
     name = "cpu-paged"
     layout = "paged"
 
-    def __init__(self, scale: float | None, kernel: PagedDecode):
+    def __init__(self, scale: float | None, kernel: PagedAttention):
         super().__init__(scale)
         self.kernel = kernel
 
     def with_scale(self, scale: float) -> "PagedCpuBackend":
         return PagedCpuBackend(scale, self.kernel)
 
-    def _decode(self, q, cache, meta: AttentionMetadata) -> torch.Tensor:
-        if meta.decode_block_tables is None:
-            return super()._decode(q, cache, meta)
+    def forward(self, q, k, v, cache, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.block_tables is None:
+            return super().forward(q, k, v, cache, meta)
+        k_cache, v_cache = cache
+        k_cache.view(-1, *k_cache.shape[-2:]).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, *v_cache.shape[-2:]).index_copy_(0, meta.slot_mapping, v)
         scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
-        return self.kernel(q, cache[0], cache[1], meta.decode_block_tables, meta.decode_kv_lens, scale)
+        return self.kernel(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seqlens_k, scale)
 
 
 class FlashAttnBackend:
@@ -315,7 +318,7 @@ def _plan_flash(device, dtype, head_dim, block_size, flash_import, capability, w
     return AttentionPlan("flash-attn", block_size or FLASH_BLOCK_SIZE, where)
 
 
-def select_backend(plan: AttentionPlan, scale: float | None, cpu_kernel: PagedDecode | None = None) -> Backend:
+def select_backend(plan: AttentionPlan, scale: float | None, cpu_kernel: PagedAttention | None = None) -> Backend:
     """The backend `plan` names (logged once per rank: which one runs and why)."""
     log.info("attention: %s", plan)
     if plan.name == "flash-attn":
@@ -347,7 +350,9 @@ def build_metadata(
 ) -> AttentionMetadata:
     """The step's attention inputs in the backend's `layout`: "padded" (SDPA), "paged" (block
     tables for decode rows) or "flash" (varlen + block tables for every row)."""
-    flash = layout == "flash"
+    # Both the flash and the paged layout (the CPU kernel) take every token as a row of a varlen
+    # batch reading the block tables; explicit-slot probes take the padded path.
+    flash = layout == "flash" or (layout == "paged" and all(s.slots is None for s in seqs))
     slot_mapping: list[int] = []
     prefills: list[PrefillSeq] = []
     decode_rows: list[int] = []
@@ -375,11 +380,6 @@ def build_metadata(
         for seq in seqs:
             starts.append(starts[-1] + seq.q_len)
         decode_tokens = torch.tensor([starts[i] for i in decode_rows], dtype=torch.long, device=device)
-    if layout == "paged" and all(s.slots is None for s in decode):
-        return AttentionMetadata(
-            decode_tokens=decode_tokens, decode_kv_slots=None, decode_kv_mask=None, **meta,
-            **_paged_decode_inputs(decode, block_size, device),
-        )
     max_kv = max(s.kv_len for s in decode)
     if all(s.slots is None for s in decode):
         max_blocks = -(-max_kv // block_size)
@@ -392,16 +392,6 @@ def build_metadata(
     mask = (torch.arange(max_kv)[None, :] < kv_lens[:, None]).view(len(decode), 1, 1, max_kv)
     return AttentionMetadata(
         decode_tokens=decode_tokens, decode_kv_slots=kv_slots.to(device), decode_kv_mask=mask.to(device), **meta
-    )
-
-
-def _paged_decode_inputs(decode: list[SeqStep], block_size: int, device: torch.device) -> dict:
-    used = [-(-s.kv_len // block_size) for s in decode]
-    width = max(used)
-    tables = [s.blocks[:n] + [0] * (width - n) for s, n in zip(decode, used)]
-    return dict(
-        decode_block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-        decode_kv_lens=torch.tensor([s.kv_len for s in decode], dtype=torch.int32, device=device),
     )
 
 

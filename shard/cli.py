@@ -100,9 +100,9 @@ def _load(config):
         tp = init_tp_group(config)
         cpu_kernel = None
         if config.device.type == "cpu" and config.attention == "paged":
-            from shard.cpu_kernels import load_paged_decode
+            from shard.cpu_kernels import load_paged_attention
 
-            cpu_kernel = load_paged_decode(config.cache_dir)
+            cpu_kernel = load_paged_attention(config.cache_dir)
         fused_ops = None
         if config.device.type == "cpu":
             from shard.cpu_kernels import load_fused_ops

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
-PagedDecode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (q, k_cache, v_cache, block_tables, cu_seqlens_q, seqlens_k, scale) -> out; csrc/paged_attention.cpp
+PagedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 # x86-64 micro-architecture levels as /proc/cpuinfo names their features (lzcnt appears as "abm").
 _X86_64_V3 = frozenset({"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"})
@@ -133,10 +134,10 @@ def fused_flags() -> list[str]:
     return [*_base_flags(), "-ffp-contract=off"]
 
 
-def load_paged_decode(cache_dir: Path) -> PagedDecode | None:
+def load_paged_attention(cache_dir: Path) -> PagedAttention | None:
     """The compiled paged-attention kernel; None (logged) when it cannot be built here."""
     module = _build("paged_attention", SOURCE, _base_flags(), cache_dir, "paged-attention kernel", "torch SDPA")
-    return None if module is None else module.paged_decode_attention
+    return None if module is None else module.paged_attention
 
 
 # torch's vector ISA (torch.backends.cpu.get_cpu_capability()) -> the kernels' Isa enum (fused_ops.cpp)
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cache_dir = Path(args[0]) if args else default_cache_dir()
-    paged = load_paged_decode(cache_dir)
+    paged = load_paged_attention(cache_dir)
     fused = load_fused_ops(cache_dir)
     return 0 if paged is not None and fused is not None else 1
 

@@ -65,9 +65,9 @@ def tiny_llama(tmp_path_factory) -> Path:
 def paged_kernel():
     """The compiled CPU paged-attention kernel (built once into the shared cache, as shards do).
     Where a C++ compiler exists (CI) a failed build is a failure, not a skip."""
-    from shard.cpu_kernels import load_paged_decode
+    from shard.cpu_kernels import load_paged_attention
 
-    kernel = load_paged_decode(default_cache_dir())
+    kernel = load_paged_attention(default_cache_dir())
     if kernel is None:
         if shutil.which("c++") or shutil.which("g++"):
             pytest.fail("the CPU paged-attention kernel did not build (see the warning above)")

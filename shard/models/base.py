@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 
 from shard.attention import AttentionMetadata, Backend
-from shard.cpu_kernels import FusedOps, PagedDecode
+from shard.cpu_kernels import FusedOps, PagedAttention
 from shard.distributed import TPGroup
 from shard.kv_cache import KVCache, KVCacheSpec
 
@@ -22,7 +22,7 @@ class ModelContext:
     trust_remote_code: bool = False
     quantize: str | None = None  # "int8" | "int4": CPU weight quantization at load (layers/quant.py)
     attention: str = "paged"  # ShardConfig.attention
-    cpu_kernel: PagedDecode | None = None  # the compiled paged decode kernel, when it built (cpu_kernels.py)
+    cpu_kernel: PagedAttention | None = None  # the compiled paged-attention kernel, when it built (cpu_kernels.py)
     fused_ops: FusedOps | None = None  # the compiled per-layer CPU kernels, when they built (cpu_kernels.py)
 
 

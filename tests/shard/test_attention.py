@@ -95,22 +95,58 @@ def test_kv_cache_layout_and_size():
 def test_paged_metadata_carries_block_tables_not_padded_slots():
     meta = build_metadata([SeqStep(1, 5, [3, 4, 9]), SeqStep(4, 4, [6]), SeqStep(1, 2, [7])], BS,
                           torch.device("cpu"), "paged")
-    assert meta.decode_kv_slots is None and meta.decode_kv_mask is None
-    # Only the blocks each length uses; shorter tables padded with block 0 (never read).
-    assert meta.decode_block_tables.tolist() == [[3, 4], [7, 0]]
-    assert meta.decode_block_tables.dtype == meta.decode_kv_lens.dtype == torch.int32
-    assert meta.decode_kv_lens.tolist() == [5, 2]
-    assert meta.decode_tokens.tolist() == [0, 5] and len(meta.prefills) == 1
+    # Every token is a kernel row, prompt chunks included: no padded slots, no SDPA prefills.
+    assert meta.decode_kv_slots is None and meta.decode_kv_mask is None and not meta.prefills
+    assert meta.block_tables.tolist() == [[3, 4, 9], [6, 0, 0], [7, 0, 0]]  # padded with block 0 (never read)
+    assert meta.block_tables.dtype == meta.seqlens_k.dtype == meta.cu_seqlens_q.dtype == torch.int32
+    assert meta.cu_seqlens_q.tolist() == [0, 1, 5, 6]
+    assert meta.seqlens_k.tolist() == [5, 4, 2]
+    assert meta.slot_mapping.tolist() == [4 * BS, 6 * BS, 6 * BS + 1, 6 * BS + 2, 6 * BS + 3, 7 * BS + 1]
 
 
 def test_paged_backend_serves_explicit_slot_probes_through_sdpa(paged_kernel):
     """The health probe addresses slots directly; the paged layout falls back to padded slots."""
     meta = build_metadata([SeqStep(1, 1, [0], slots=[0])], BS, torch.device("cpu"), "paged")
-    assert meta.decode_block_tables is None and meta.decode_kv_slots is not None
+    assert meta.block_tables is None and meta.decode_kv_slots is not None
     cache = KVCache(KVCacheSpec(1, KVH, D, BS, torch.float32), num_blocks=2, device=torch.device("cpu"))
     q, k, v = torch.randn(1, H, D), torch.randn(1, KVH, D), torch.randn(1, KVH, D)
     out = PagedCpuBackend(D**-0.5, paged_kernel).forward(q, k, v, cache.layer(0), meta)
     torch.testing.assert_close(out, dense_reference(q, k, v, 1), atol=1e-5, rtol=1e-5)
+
+
+def _kernel_rows(paged_kernel, q, k_cache, v_cache, seqs, block):
+    meta = build_metadata(seqs, block, torch.device("cpu"), "paged")
+    return paged_kernel(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seqlens_k, 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_rows_are_bit_identical_however_the_step_is_cut(paged_kernel, dtype, threads):
+    """The batch-invariance promise: a token's attention has the same bits whether it is computed
+    in a whole prompt, in a chunk after a cached prefix, as a decode row, or beside other
+    sequences, and whatever the thread count (tiles of 8 rows, the kv-head split for few items)."""
+    torch.manual_seed(7)
+    heads, kv_heads, dim, block, length = 9, 3, 64, 16, 45
+    k_cache = torch.randn(8, block, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(8, block, kv_heads, dim).to(dtype)
+    table = [5, 2, 7]
+    q = torch.randn(length, heads, dim).to(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        whole = _kernel_rows(paged_kernel, q, k_cache, v_cache, [SeqStep(length, length, table)], block)
+        chunks = torch.cat([
+            _kernel_rows(paged_kernel, q[a:b], k_cache, v_cache, [SeqStep(b - a, b, table)], block)
+            for a, b in [(0, 3), (3, 20), (20, 21), (21, 45)]
+        ])
+        rows = torch.cat([_kernel_rows(paged_kernel, q[i:i + 1], k_cache, v_cache, [SeqStep(1, i + 1, table)], block)
+                          for i in range(length)])
+        other = torch.randn(13, heads, dim).to(dtype)  # another sequence's prompt before it, in one step
+        mixed = _kernel_rows(paged_kernel, torch.cat([other, q[30:]]), k_cache, v_cache,
+                             [SeqStep(13, 13, [1]), SeqStep(length - 30, length, table)], block)[13:]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(whole, chunks) and torch.equal(whole, rows) and torch.equal(whole[30:], mixed)
 
 
 @pytest.mark.parametrize("batch", [1, 5])  # fewer sequences than threads: split by kv head; more: by sequence
@@ -131,7 +167,7 @@ def test_kernel_equals_sdpa_on_scattered_blocks(paged_kernel, batch, dtype):
     seqs = [SeqStep(1, n, t) for n, t in zip(lengths, tables)]
     paged = build_metadata(seqs, block, torch.device("cpu"), "paged")
     padded = build_metadata(seqs, block, torch.device("cpu"))
-    out = paged_kernel(q, k_cache, v_cache, paged.decode_block_tables, paged.decode_kv_lens, 0.25)
+    out = paged_kernel(q, k_cache, v_cache, paged.block_tables, paged.cu_seqlens_q, paged.seqlens_k, 0.25)
     expected = SdpaBackend(0.25)._decode(q.float(), (k_cache.float(), v_cache.float()), padded)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype
@@ -142,9 +178,15 @@ def test_kernel_rejects_out_of_range_tables(paged_kernel):
     cache = torch.zeros(3, BS, KVH, D)
     q = torch.zeros(1, H, D)
     lens = torch.tensor([BS], dtype=torch.int32)
+    starts = torch.tensor([0, 1], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="block id out of range"):
-        paged_kernel(q, cache, cache, torch.tensor([[3]], dtype=torch.int32), lens, 1.0)
+        paged_kernel(q, cache, cache, torch.tensor([[3]], dtype=torch.int32), starts, lens, 1.0)
     with pytest.raises(RuntimeError, match="kv length out of range"):
-        paged_kernel(q, cache, cache, torch.tensor([[1]], dtype=torch.int32), lens + 1, 1.0)
+        paged_kernel(q, cache, cache, torch.tensor([[1]], dtype=torch.int32), starts, lens + 1, 1.0)
     with pytest.raises(RuntimeError, match="int32"):
-        paged_kernel(q, cache, cache, torch.tensor([[1]]), lens, 1.0)
+        paged_kernel(q, cache, cache, torch.tensor([[1]]), starts, lens, 1.0)
+    with pytest.raises(RuntimeError, match="query_starts"):
+        paged_kernel(q, cache, cache, torch.tensor([[1]], dtype=torch.int32), starts + 1, lens, 1.0)
+    with pytest.raises(RuntimeError, match="1..kv_len query rows"):  # more rows than positions
+        paged_kernel(torch.zeros(2, H, D), cache, cache, torch.tensor([[1]], dtype=torch.int32),
+                     torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1], dtype=torch.int32), 1.0)

@@ -38,7 +38,7 @@ def test_a_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplo
 
     monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
     with caplog.at_level(logging.WARNING, logger="shard.cpu_kernels"):
-        assert cpu_kernels.load_paged_decode(tmp_path) is None
+        assert cpu_kernels.load_paged_attention(tmp_path) is None
     assert "c++: command not found" in caplog.text and "using torch SDPA" in caplog.text
 
 
@@ -85,7 +85,7 @@ def test_another_checkout_of_the_same_source_reuses_the_build(paged_kernel, tmp_
     script = (
         "import pathlib, sys; from shard import cpu_kernels; from shard.config import default_cache_dir; "
         f"cpu_kernels.SOURCE = pathlib.Path({str(copy)!r}); "
-        "sys.exit(cpu_kernels.load_paged_decode(default_cache_dir()) is None)"
+        "sys.exit(cpu_kernels.load_paged_attention(default_cache_dir()) is None)"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     after = (default_cache_dir() / "kernels").glob("paged_attention-*/*.so")

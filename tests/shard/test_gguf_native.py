@@ -197,8 +197,12 @@ def test_gguf_mode_on_safetensors_is_refused(tiny_llama):
 
 
 @pytest.fixture(scope="module")
-def native_engine(bundled):
-    return make_engine(bundled[1], block_size=BLOCK, num_blocks_tokens=8192, quantize=GGUF)
+def native_engine(bundled, paged_kernel):
+    """As a shard serves it: the compiled attention and fused kernels."""
+    from shard.cpu_kernels import load_fused_ops
+
+    return make_engine(bundled[1], block_size=BLOCK, num_blocks_tokens=8192, quantize=GGUF, cpu_kernel=paged_kernel,
+                       fused_ops=load_fused_ops(default_cache_dir()))
 
 
 @pytest.mark.slow
@@ -232,6 +236,33 @@ def test_native_greedy_is_batch_invariant(native_engine, bundled):
     together = generate(native_engine, [greedy_request(i, p, 24, pool) for i, p in enumerate(prompts)], batch_id=9)
     assert [together[i] for i in range(len(prompts))] == alone
     assert "learning" in tokenizer.decode(alone[0])
+
+
+@pytest.mark.slow
+def test_native_greedy_is_cache_invariant(native_engine, bundled):
+    """A prompt whose first block comes from the prefix cache gets the tokens it gets without it.
+    These two prompts diverged (at tokens 22 and 34) while prompt chunks ran through SDPA: its
+    flash kernel sums in an order set by the query/key block sizes (README "Attention kernel")."""
+    from transformers import AutoTokenizer
+
+    from pytgi_proto import generate_pb2 as pb
+    from tests.shard.helpers import collect, run_to_completion
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled[1])
+    for question in ("Name a color.", "What is Python?"):
+        prompt, new_tokens = chat(tokenizer, question), 48
+        pool = BlockPool(BLOCK)
+        alone = generate(native_engine, [greedy_request(1, prompt, new_tokens, pool)], batch_id=1)[1]
+        first_block = [1]  # the request above wrote its first 16 positions there
+        request = pb.Request(
+            id=2, input_ids=prompt, blocks=first_block + pool.take(len(prompt) - BLOCK + new_tokens), cache_len=BLOCK,
+            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=new_tokens, ignore_eos_token=True),
+        )
+        response = native_engine.prefill(pb.PrefillRequest(batch=pb.Batch(id=2, requests=[request], size=1)))
+        cached: dict[int, list[int]] = {}
+        collect(response.generations, cached)
+        run_to_completion(native_engine, response, cached)
+        assert cached[2] == alone, question
 
 
 _ISA_CHECK = """

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: install kernels run test test-unit bench proto clean
+.PHONY: install compiler kernels run test test-unit bench proto clean
 
 install: $(STAMP)
 
@@ -24,19 +24,32 @@ $(STAMP): pyproject.toml proto/generate.proto proto/build.py
 proto: install
 	$(PY) proto/build.py
 
-# The CPU attention kernel is compiled once per machine (~25 s, then cached; shard/cpu_kernels.py).
-# Built up front so the first shard start, or a test's, does not pay for it; without a compiler
-# the shards fall back to torch SDPA, so a failure here does not stop the target.
+# The tests must run the default attention backend, which on CPU is a compiled kernel: they get
+# a C++ compiler (g++ from apt when none is found) or stop here saying why.
+compiler:
+	bash .ci/ensure-compiler
+
+# The CPU kernels are compiled once per machine (~25 s each, then cached; shard/cpu_kernels.py),
+# up front so the first shard start, or a test's, does not pay for it. Where a compiler exists a
+# failed build stops the target: the shards would otherwise fall back to torch ops unnoticed.
+# Without one (`make run` on a bare machine) they serve on torch SDPA, slower, and say so.
 kernels: install
-	$(PY) -m shard.cpu_kernels || echo "CPU kernel not built: shards will use torch SDPA"
+	@cxx="$${CXX:-c++}"; \
+	if ! command -v "$$cxx" >/dev/null; then \
+		echo "warning: no C++ compiler ('$$cxx'): the shards will use torch SDPA and torch ops (slower); install g++ for the compiled CPU kernels" >&2; \
+	elif ! $(PY) -m shard.cpu_kernels; then \
+		echo "error: the CPU kernels did not build with '$$cxx' (the reason is logged above); the shards would fall back to torch SDPA" >&2; \
+		exit 1; \
+	fi
 
 run: install kernels
 	$(VENV)/bin/text-generation-launcher
 
-test: install kernels
+# `compiler` before `kernels` (make runs prerequisites in order without -j).
+test: install compiler kernels
 	$(PY) -m pytest -q
 
-test-unit: install kernels
+test-unit: install compiler kernels
 	$(PY) -m pytest -q tests
 
 bench: install

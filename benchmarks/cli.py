@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import click
 
 from benchmarks.report import Stats, format_table
-from router.client import ShardedClient, ShardError
+from router.scheduler.client import ShardedClient, ShardError
 from pytgi_proto import generate_pb2 as pb
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)

@@ -59,7 +59,7 @@ PROMPT = "List the people of the team as a JSON array of objects."
 def _grammars() -> list[tuple[str, int, str]]:
     from types import SimpleNamespace
 
-    from router.grammar import build_constraint
+    from router.grammar.builder import build_constraint
 
     def chat(**fields):
         return SimpleNamespace(**{"response_format": None, "tools": None, "tool_choice": None, "grammar": None,
@@ -109,7 +109,7 @@ def _ms(seconds: float) -> str:
 
 
 def bench_compile(engine, model_path) -> list[str]:
-    from router.grammar import GrammarValidator
+    from router.grammar.validator import GrammarValidator
     from router.tokenizer import Tokenizer
     from shard.grammar import Grammars
 

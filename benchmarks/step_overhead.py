@@ -209,13 +209,13 @@ class _TimedClient:
 
 
 async def _run_router(socket_path: str, tokenizer, streams: int, tokens: int, profile: cProfile.Profile | None):
-    from router.batcher import Batcher, BatchLimits
-    from router.client import ShardedClient, ShardClient
+    from router.scheduler.batcher import Batcher, BatchLimits
+    from router.scheduler.client import ShardedClient, ShardClient
     from router.infer import Infer
-    from router.kv import KVManager
+    from router.scheduler.kv import KVManager
     from router.metrics import Metrics
-    from router.queue import Queue
-    from router.request import TokenEvent
+    from router.scheduler.queue import Queue
+    from router.events import TokenEvent
     from router.routes import TgiRoutes
     from router.schemas import GenerateParameters, GenerateRequest
     from router.validation import ValidationLimits, Validator
@@ -305,7 +305,7 @@ async def _run_http(socket_path: str, tokenizer, streams: int, tokens: int) -> d
     from aiohttp import web
 
     from router.app import create_app
-    from router.client import ShardClient, ShardedClient
+    from router.scheduler.client import ShardClient, ShardedClient
     from router.state import AppState, Limits
     from tests.router.app_harness import router_config
 

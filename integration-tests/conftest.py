@@ -20,12 +20,35 @@ BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 300  # the first run converts the bundled GGUF (~25 s) before loading
 
 
-def metric(url: str, name: str) -> float:
-    """One sample of the server's Prometheus metrics (`name` may carry labels)."""
+def metric(url: str, name: str, absent: float | None = None) -> float:
+    """One sample of the server's Prometheus metrics (`name` may carry labels). `absent`: its
+    value when the sample is missing (a labelled counter appears once first incremented); None
+    makes a missing sample a failure."""
     text = requests.get(f"{url}/metrics", timeout=10).text
     match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    if match is None and absent is not None:
+        return absent
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
+
+
+def wait_idle(url: str, timeout: float = 60) -> None:
+    """Until no request is queued or running and none holds a KV block (a cancellation is applied
+    at the next step); a failure names what is still busy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = {name: value for name in ("tgi_queue_size", "tgi_batch_current_size", "pytgi_kv_blocks_held_by_requests")
+                if (value := metric(url, name))}
+        if not busy:
+            return
+        assert time.monotonic() < deadline, f"not idle {timeout:g} s later: {busy}"
+        time.sleep(0.1)
+
+
+def assert_kv_returned(url: str) -> None:
+    """Every request's KV blocks came back: once idle, whatever is in use is the prefix cache's."""
+    wait_idle(url)
+    assert metric(url, "pytgi_kv_blocks_used") == metric(url, "pytgi_prefix_cache_blocks")
 
 
 def free_port() -> int:

@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from router.openapi import DOCUMENT_PATH, ROUTE_FAMILIES
+from router.http.openapi import DOCUMENT_PATH, ROUTE_FAMILIES
 
 MAX_INPUT_TOKENS, MAX_TOTAL_TOKENS = 96, 128  # room for SmolLM2's chat template (its system prompt)
 MAX_NEW_TOKENS = 1  # a prefill, no decode step
@@ -103,7 +103,7 @@ def node_id_for_schemathesis(request):
 
 
 def is_openai_body(body: Any) -> bool:
-    """/invocations' dispatch (router/openai.py OpenAIRoutes.invocations)."""
+    """/invocations' dispatch (router/openai/routes.py OpenAIRoutes.invocations)."""
     return isinstance(body, dict) and ("messages" in body or ("prompt" in body and "inputs" not in body))
 
 
@@ -145,6 +145,7 @@ def assert_envelope(case: schemathesis.Case, response: schemathesis.Response) ->
 
 
 @schema.parametrize()
+@pytest.mark.timeout(900)  # one test for every operation: ~4 min on 2 AVX2 cores
 def test_fuzz(case, tally):
     start = time.monotonic()
     cap_generation(case.body)

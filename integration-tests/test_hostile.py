@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 import requests
-from conftest import Server, start_launcher, stop_launcher
+from conftest import Server, assert_kv_returned, start_launcher, stop_launcher
 
 TIMEOUT = 120  # seconds per request: grammar compiles may take their full 5 s timeout
 PROMPT = "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n"
@@ -652,6 +652,7 @@ def test_disconnect_storm(target):
     target.last, target.check_greedy = "the disconnect storm", True
     statuses = asyncio.run(storm(target.server.url))
     assert statuses and all(200 <= s < 300 for s in statuses), statuses
+    assert_kv_returned(target.server.url)  # every abandoned request's blocks came back
 
 
 @cases_of(grammar_cases())

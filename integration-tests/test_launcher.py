@@ -85,22 +85,22 @@ def test_admission_limit_and_shard_crash_during_streams():
         for reader in readers:
             reader.start()
 
-        # Kill a shard: every stream must end with an error within 5 s, and the launcher must
-        # notice, tear down the router and exit non-zero.
+        # Kill a shard: every stream must end with an error, not hang to its 400 tokens (or the
+        # client's 120 s timeout), and the launcher must notice, tear down the router and exit
+        # non-zero. It takes well under a second; the limits leave room for a busy 2-core machine.
         descendants = children(server.process.pid)
         shards = [pid for pid in descendants if b"serve" in open(f"/proc/{pid}/cmdline", "rb").read()]
         assert shards, descendants
         started = time.monotonic()
         os.kill(shards[0], signal.SIGKILL)
         for reader in readers:
-            reader.join(timeout=max(started + 5 - time.monotonic(), 0))
+            reader.join(timeout=max(started + 15 - time.monotonic(), 0))
         assert all(outcome.get("kind") in ("error-event", "exception") for outcome in outcomes), outcomes
         slowest = max(outcome["at"] for outcome in outcomes) - started
-        assert slowest < 5
+        assert slowest < 15
         code = server.process.wait(timeout=60)
         exited = time.monotonic() - started
         assert code != 0
-        assert exited < 30
         time.sleep(0.5)
         assert not [pid for pid in descendants if alive(pid)], "orphaned child processes"
         assert "shard-0" in server.log() or "shard 0" in server.log()

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from benchmarks import soak
-from conftest import metric, start_launcher, stop_launcher
+from conftest import assert_kv_returned, start_launcher, stop_launcher, wait_idle
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
@@ -31,13 +31,6 @@ def total(text: str, name: str, **labels) -> float:
     sample = f"{name}{{{label_text}}}" if labels else name
     match = re.search(rf"^{re.escape(sample)} ([0-9.e+-]+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
-
-
-def wait_idle(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while metric(url, "tgi_batch_current_size") or metric(url, "tgi_queue_size"):
-        assert time.monotonic() < deadline, "the server did not go idle"
-        time.sleep(0.1)
 
 
 def test_counters_match_after_n_requests(url):
@@ -88,8 +81,7 @@ def test_short_soak_leaks_no_blocks(url):
     code = asyncio.run(soak.amain(["--url", url, "--requests", "100", "--concurrency", "16", "--max-tokens", "8",
                                    "--disconnect", "0.3", "--disconnect-max-delay", "1.0", "--seed", "1"]))
     assert code == 0
-    wait_idle(url)
-    assert metric(url, "pytgi_kv_blocks_held_by_requests") == 0
+    assert_kv_returned(url)
 
 
 class Collector:

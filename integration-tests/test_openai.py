@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 import requests
-from conftest import metric
+from conftest import assert_kv_returned, metric, wait_idle
 from conftest import start_launcher, stop_launcher
 from huggingface_hub import InferenceClient
 from openai import AsyncOpenAI, OpenAI
@@ -287,14 +287,12 @@ def test_disconnect_cancels_every_choice(url):
     async def run():
         async with aiohttp.ClientSession() as session:
             await asyncio.gather(*(leave_early(session, i) for i in range(4)))
-        for _ in range(100):
-            if metric(url, "tgi_batch_current_size") == 0:
-                break
-            await asyncio.sleep(0.1)
 
+    wait_idle(url)
+    before = metric(url, 'tgi_request_failure{err="dropped"}', absent=0)
     asyncio.run(run())
-    assert metric(url, "tgi_batch_current_size") == 0
-    assert metric(url, "pytgi_kv_blocks_used") == metric(url, "pytgi_prefix_cache_blocks")
+    assert_kv_returned(url)
+    assert metric(url, 'tgi_request_failure{err="dropped"}') - before == 4 * 2  # every choice of every request
 
 
 # ------------------------------------------------------------------------------ TGI clients
@@ -317,13 +315,14 @@ def test_text_generation_client_chat(url):
     whole = client.chat([Message(role="user", content="What is the capital of France?")], max_tokens=8, temperature=0)
     assert "Paris" in whole.choices[0].message.content
     chunks = []
-    try:
+    # text-generation 0.7.0 json-decodes every `data:` line, `[DONE]` included (TGI sends it too):
+    # the stream must end there, after the chunk that carries the finish reason, and nowhere else.
+    with pytest.raises(json.JSONDecodeError) as ended:
         for chunk in client.chat([Message(role="user", content="What is the capital of France?")], max_tokens=8,
                                  temperature=0, stream=True):
             chunks.append(chunk)
-    except json.JSONDecodeError:
-        # text-generation 0.7.0 json-decodes every `data:` line, `[DONE]` included (TGI sends it too).
-        pass
+    assert ended.value.doc.strip() == "[DONE]", ended.value.doc
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
 
 

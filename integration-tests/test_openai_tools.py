@@ -19,6 +19,7 @@ WEATHER = {
     },
 }
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+EOS = "2"  # <|im_end|>, the bundled SmolLM2's stop token (a logit_bias key)
 
 
 def client(url: str) -> OpenAI:
@@ -59,10 +60,14 @@ def test_named_tool_call_streams_as_fragments(url):
 
 
 def test_parallel_calls_cut_by_max_tokens_keep_the_complete_ones(url):
+    # Left to itself the model stops after one call (~40 tokens); with its stop token banned the
+    # grammar's only way on is another call, so 100 tokens end inside the third one.
     response = client(url).chat.completions.create(model="tgi", messages=ASK, tools=[WEATHER],
-                                                   tool_choice="required", max_tokens=60, temperature=0)
+                                                   tool_choice="required", max_tokens=100, temperature=0,
+                                                   logit_bias={EOS: -100})
     choice = response.choices[0]
-    assert choice.message.tool_calls and choice.finish_reason in ("tool_calls", "length")
+    assert choice.finish_reason == "length" and response.usage.completion_tokens == 100
+    assert len(choice.message.tool_calls) >= 2, choice.message
     for call in choice.message.tool_calls:
         jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
 

@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from conftest import metric, start_launcher, stop_launcher
+from conftest import metric, start_launcher, stop_launcher, wait_idle
 from test_launcher import children
 
 FLAG_KEY = "it-flag-key"
@@ -93,11 +93,16 @@ def test_ten_thousand_token_prompt_is_422_at_once(ops):
     length = len(requests.post(f"{ops.url}/tokenize", json={"inputs": prompt}, headers=auth(FLAG_KEY),
                                timeout=60).json())
     assert length > 9_000
+    prefills = metric(ops.url, 'tgi_batch_inference_count{method="prefill"}', absent=0)
     started = time.monotonic()
     response = requests.post(f"{ops.url}/generate", headers=auth(FLAG_KEY), timeout=60,
                              json={"inputs": prompt, "parameters": {"max_new_tokens": 10}})
     elapsed = time.monotonic() - started
-    assert response.status_code == 422 and elapsed < 2, elapsed
+    assert response.status_code == 422
+    # Refused in validation: no step ran it. The bound is generous for a busy 2-core machine
+    # and still under what prefilling 10k tokens costs there (tens of seconds).
+    assert metric(ops.url, 'tgi_batch_inference_count{method="prefill"}', absent=0) == prefills
+    assert elapsed < 10, elapsed
     assert response.json() == {
         "error": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 8192. "
                  f"Given: {length} `inputs` tokens and 10 `max_new_tokens`",
@@ -121,18 +126,18 @@ def test_request_timeout_cancels_and_frees_kv(ops):
     stream_seconds = time.monotonic() - started
     assert events[-1] == {"error": f"Request exceeded the server's time limit of {REQUEST_TIMEOUT:g} s",
                           "error_type": "request_timeout"}
-    assert len(events) > 2 and REQUEST_TIMEOUT <= stream_seconds < REQUEST_TIMEOUT + 2, stream_seconds
+    # Cut at the limit, not run to its 2,000 tokens (a minute or more on 2 cores): the margin is generous
+    # for a busy machine, whose steps can take a second.
+    assert 2 < len(events) < 2000 and REQUEST_TIMEOUT <= stream_seconds < REQUEST_TIMEOUT + 10, stream_seconds
 
     started = time.monotonic()
     plain = requests.post(f"{url}/generate", headers=headers, timeout=60,
                           json={"inputs": STORY, "parameters": {"max_new_tokens": 2000}})
     assert plain.status_code == 408 and plain.json()["error_type"] == "request_timeout"
-    assert time.monotonic() - started < REQUEST_TIMEOUT + 2
+    assert REQUEST_TIMEOUT <= time.monotonic() - started < REQUEST_TIMEOUT + 10
 
-    deadline = time.monotonic() + 5
-    while metric(url, "pytgi_kv_blocks_used") != 0:
-        assert time.monotonic() < deadline, "KV blocks of timed-out requests were not freed"
-        time.sleep(0.1)
+    wait_idle(url)  # fails if the timed-out requests still hold KV blocks
+    assert metric(url, "pytgi_kv_blocks_used") == 0
     print(f"\nrequest timeout {REQUEST_TIMEOUT:g} s: stream ended after {stream_seconds:.2f} s")
 
 

@@ -16,6 +16,7 @@ from click.core import ParameterSource
 
 from launcher import config
 from launcher.config import ConfigError, LauncherArgs
+from router.options import BY_NAME as ROUTER_OPTIONS
 
 _DEFAULTS = config.defaults()
 _NO_ENV = {"env"}  # TGI's -e/--env has no env var
@@ -35,12 +36,22 @@ def _option(*decls: str, help: str, **kwargs):
     return click.Option([*decls, name], help=help, **kwargs)
 
 
+def _router_option(*decls: str):
+    """An option the router reads (router/options.py): its help, type and default written there once."""
+    spec = ROUTER_OPTIONS[decls[-1][2:].replace("-", "_")]
+    if spec.type is bool:
+        return _option(*decls, is_flag=True, help=spec.help)
+    if spec.type is tuple:
+        return _option(*decls, multiple=True, help=spec.help)
+    kind = click.Choice(spec.choices) if spec.choices else spec.type
+    return _option(*decls, type=kind, help=spec.help)
+
+
 _OPTIONS = [
     _option("--model-id",
             help="Hub model id or local folder/.gguf file (default: the bundled SmolLM2-135M-Instruct)."),
     _option("--revision", help="Hub revision: a commit, branch or `refs/pr/N`."),
-    _option("--validation-workers", type=int,
-            help="Tokenizer/validation workers in the router; must be > 0."),
+    _router_option("--validation-workers"),
     _option("--sharded", type=click.BOOL, metavar="true|false",
             help="Shard the model over several processes (see --num-shard)."),
     _option("--num-shard", type=int, help="Number of shards (default: one per visible GPU, or 1 on CPU)."),
@@ -53,25 +64,19 @@ _OPTIONS = [
                  "(config.json `torch_dtype`), else bfloat16 (float16 on GPUs before compute capability "
                  "8.0)."),
     _option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run."),
-    _option("--max-concurrent-requests", type=int, help="Requests in flight before new ones get 429."),
-    _option("--max-best-of", type=int, help="Largest `best_of` a request may ask for."),
-    _option("--max-stop-sequences", type=int, help="Most stop sequences per request."),
-    _option("--max-top-n-tokens", type=int, help="Largest `top_n_tokens` per request."),
-    _option("--max-input-tokens", type=int,
-            help="Longest prompt in tokens (default: decided by the router/shards)."),
+    _router_option("--max-concurrent-requests"),
+    _router_option("--max-best-of"),
+    _router_option("--max-stop-sequences"),
+    _router_option("--max-top-n-tokens"),
+    _router_option("--max-input-tokens"),
     _option("--max-input-length", type=int,
             help="Deprecated alias of --max-input-tokens (setting both is an error)."),
-    _option("--max-total-tokens", type=int,
-            help="Longest prompt + generation in tokens (default: decided at warmup)."),
-    _option("--waiting-served-ratio", type=float,
-            help="Waiting/running ratio that forces a prefill into a decode batch."),
-    _option("--max-batch-prefill-tokens", type=int,
-            help="Token budget of one prefill step (default: the router's)."),
-    _option("--max-batch-total-tokens", type=int,
-            help="Token budget of a whole batch incl. KV cache (default: inferred at warmup)."),
-    _option("--max-waiting-tokens", type=int,
-            help="Decode steps a waiting request may wait before a forced prefill."),
-    _option("--max-batch-size", type=int, help="Most requests in one batch (default: no limit)."),
+    _router_option("--max-total-tokens"),
+    _router_option("--waiting-served-ratio"),
+    _router_option("--max-batch-prefill-tokens"),
+    _router_option("--max-batch-total-tokens"),
+    _router_option("--max-waiting-tokens"),
+    _router_option("--max-batch-size"),
     _option("--cuda-graphs", metavar="SIZES",
             help="Decode batch sizes the shards capture as CUDA graphs, comma-separated (TGI's default: "
                  "1,2,4,8,16,32); 0: none. Default: none yet (see the README). CUDA with flash-attn only."),
@@ -95,41 +100,29 @@ _OPTIONS = [
             help="Fraction of each GPU's total memory a shard may use, as in TGI: weights, activations and KV "
                  "cache; the KV cache takes 90% of what the warmup leaves of that share (TGI_WIGGLE_ROOM). "
                  "CUDA only."),
-    _option("--json-output", is_flag=True, help="Log JSON lines (launcher, router and shards)."),
-    _option("--otlp-endpoint", help="OpenTelemetry gRPC endpoint for the router's traces."),
-    _option("--otlp-service-name", help="OpenTelemetry service name."),
-    _option("--cors-allow-origin", multiple=True,
-            help="Origin allowed to read responses cross-origin (repeatable; `*`: any; default: none, "
-                 "CORS off)."),
+    _router_option("--json-output"),
+    _router_option("--otlp-endpoint"),
+    _router_option("--otlp-service-name"),
+    _router_option("--cors-allow-origin"),
     _option("--api-key", help="Require `Authorization: Bearer KEY` on every route but /health, /ping, "
                               "/live, /ready, /info, /metrics and the docs. Prefer the API_KEY env var "
                               "or --api-key-file: a command line is visible in ps."),
-    _option("--api-key-file", help="More accepted API keys, one per line (blank and # lines ignored)."),
-    _option("--watermark-gamma", type=float, help="Watermark gamma (WATERMARK_GAMMA for the shards)."),
-    _option("--watermark-delta", type=float, help="Watermark delta (WATERMARK_DELTA for the shards)."),
-    _option("--tokenizer-config-path",
-            help="tokenizer_config.json to use instead of the model's (chat template)."),
-    _option("--disable-grammar-support", is_flag=True,
-            help="Reject grammar-constrained requests (422)."),
-    _option("--max-client-batch-size", type=int, help="Most prompts in one /v1/completions request."),
-    _option("--strict-model-name", is_flag=True,
-            help="OpenAI routes: 404 for a `model` other than the served one or \"tgi\" (default: any name)."),
-    _option("--reasoning-parser", type=click.Choice(config.REASONING_PARSER_CHOICES),
-            help="Chat completions: a thinking model's `<think>` section as `reasoning_content`, apart "
-                 "from `content`. auto: when the chat template has `<think>` and `</think>`; none: off; "
-                 "think (or deepseek_r1, qwen3): always."),
-    _option("--payload-limit", type=int, help="Largest HTTP request body in bytes (413 above)."),
-    _option("-g", "--graceful-termination-timeout", type=int,
-            help="Seconds between SIGTERM and SIGKILL when stopping the router and shards; the router "
-                 "drains in-flight requests (streams included) meanwhile, new ones get 503."),
-    _option("--disable-prefix-caching", is_flag=True, help="Turn off the router's prefix cache."),
-    _option("--request-timeout", type=float,
-            help="Seconds a generation may take from queueing to its last token; then it is cancelled "
-                 "and answered 408 (default: no limit)."),
-    _option("--client-header-timeout", type=float,
-            help="Seconds the router waits for a request's headers (also the idle keep-alive limit)."),
-    _option("--client-body-timeout", type=float,
-            help="Seconds the router waits for a request's body once its headers arrived (408 after)."),
+    _router_option("--api-key-file"),
+    _option("--watermark-gamma", type=float,
+            help="Requests with `watermark: true`: the share of the vocabulary on the green list, in (0, 1)."),
+    _option("--watermark-delta", type=float,
+            help="Requests with `watermark: true`: the logit bonus of green-list tokens, >= 0."),
+    _router_option("--tokenizer-config-path"),
+    _router_option("--disable-grammar-support"),
+    _router_option("--max-client-batch-size"),
+    _router_option("--strict-model-name"),
+    _router_option("--reasoning-parser"),
+    _router_option("--payload-limit"),
+    _router_option("-g", "--graceful-termination-timeout"),
+    _router_option("--disable-prefix-caching"),
+    _router_option("--request-timeout"),
+    _router_option("--client-header-timeout"),
+    _router_option("--client-body-timeout"),
     _option("--usage-stats", type=click.Choice(config.USAGE_STATS_CHOICES, case_sensitive=False),
             help="Accepted for TGI compatibility; pytgi never sends usage statistics."),
     _option("-e", "--env", is_flag=True,

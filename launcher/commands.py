@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from launcher.config import LauncherArgs, shard_log_level
+from router import options as router_options
 
 SHARD_EXE = "text-generation-server"
 ROUTER_EXE = "text-generation-router"
@@ -86,18 +87,11 @@ def shard_env(args: LauncherArgs, rank: int, world_size: int, base: Mapping[str,
     return env
 
 
-# launcher option → router option; passed only when the user set it (the router's defaults apply
-# otherwise). Flags (bool) are passed bare when true; tuples repeat the option. Not --api-key: any
-# local user can read a command line (ps, /proc/PID/cmdline), so the key goes in router_env.
-ROUTER_OPTIONS = (
-    "max_concurrent_requests", "max_best_of", "max_stop_sequences", "max_top_n_tokens",
-    "max_total_tokens", "waiting_served_ratio", "max_batch_prefill_tokens", "max_batch_total_tokens",
-    "max_waiting_tokens", "max_batch_size", "validation_workers", "cors_allow_origin",
-    "json_output", "otlp_endpoint", "otlp_service_name", "payload_limit", "max_client_batch_size",
-    "disable_grammar_support", "tokenizer_config_path", "disable_prefix_caching", "strict_model_name",
-    "reasoning_parser", "api_key_file", "request_timeout", "graceful_termination_timeout",
-    "client_header_timeout", "client_body_timeout",
-)
+# The router's options (router/options.py), passed only when the user set them (the same defaults
+# apply otherwise). Flags (bool) are passed bare when true; tuples repeat the option.
+# max_input_tokens has two launcher names (below). Not --api-key: any local user can read a
+# command line (ps, /proc/PID/cmdline), so the key goes in router_env.
+ROUTER_OPTIONS = tuple(option.name for option in router_options.OPTIONS if option.name != "max_input_tokens")
 
 
 def build_router_argv(args: LauncherArgs) -> list[str]:

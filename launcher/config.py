@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
+from router.options import BY_NAME as ROUTER_OPTIONS
 from shard.graph_sizes import parse_cuda_graphs
+from shard.watermark import Watermark
 
 # TGI's quantization methods plus pytgi's CPU ones. Only IMPLEMENTED_QUANTIZE is served; the
 # others are accepted by the parser (TGI deployments pass them) and rejected with one line.
@@ -22,7 +24,6 @@ QUANTIZE_CHOICES = (
 IMPLEMENTED_QUANTIZE = ("int8", "int4", "gguf")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 USAGE_STATS_CHOICES = ("on", "off", "no-stack")
-REASONING_PARSER_CHOICES = ("auto", "none", "think", "deepseek_r1", "qwen3")  # router.reasoning.CHOICES
 MAX_UDS_PATH = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 
 # SageMaker's names (TGI's sagemaker-entrypoint.sh) → the launcher option they set. They apply
@@ -37,6 +38,11 @@ SAGEMAKER_ENV = {
 }
 
 
+def _router(name: str) -> object:
+    """The router's default for an option the launcher forwards (router/options.py, written once)."""
+    return ROUTER_OPTIONS[name].default
+
+
 class ConfigError(ValueError):
     """A contradictory or impossible combination of options (one line, shown before starting)."""
 
@@ -45,24 +51,24 @@ class ConfigError(ValueError):
 class LauncherArgs:
     model_id: str | None = None  # None: the bundled SmolLM2-135M-Instruct
     revision: str | None = None
-    validation_workers: int = 2
+    validation_workers: int = _router("validation_workers")
     sharded: bool | None = None
     num_shard: int | None = None
     quantize: str | None = None
     dtype: str | None = None
     trust_remote_code: bool = False
-    max_concurrent_requests: int = 128
-    max_best_of: int = 2
-    max_stop_sequences: int = 4
-    max_top_n_tokens: int = 5
-    max_input_tokens: int | None = None
+    max_concurrent_requests: int = _router("max_concurrent_requests")
+    max_best_of: int = _router("max_best_of")
+    max_stop_sequences: int = _router("max_stop_sequences")
+    max_top_n_tokens: int = _router("max_top_n_tokens")
+    max_input_tokens: int | None = _router("max_input_tokens")
     max_input_length: int | None = None
-    max_total_tokens: int | None = None
-    waiting_served_ratio: float = 0.3
-    max_batch_prefill_tokens: int | None = None
-    max_batch_total_tokens: int | None = None
-    max_waiting_tokens: int = 20
-    max_batch_size: int | None = None
+    max_total_tokens: int | None = _router("max_total_tokens")
+    waiting_served_ratio: float = _router("waiting_served_ratio")
+    max_batch_prefill_tokens: int | None = _router("max_batch_prefill_tokens")
+    max_batch_total_tokens: int | None = _router("max_batch_total_tokens")
+    max_waiting_tokens: int = _router("max_waiting_tokens")
+    max_batch_size: int | None = _router("max_batch_size")
     cuda_graphs: str | None = None  # TGI's format: "1,2,4,8", "0": none; None: the shards' default
     hostname: str = "0.0.0.0"
     port: int = 3000
@@ -79,25 +85,27 @@ class LauncherArgs:
     # TGI's meaning: the share of each GPU's TOTAL memory a shard may use (weights, activations
     # and KV cache); the shard's CUDA_MEMORY_FRACTION.
     cuda_memory_fraction: float = 1.0
-    json_output: bool = False
-    otlp_endpoint: str | None = None
-    otlp_service_name: str = "text-generation-inference.router"
-    cors_allow_origin: tuple[str, ...] = ()
+    json_output: bool = _router("json_output")
+    otlp_endpoint: str | None = _router("otlp_endpoint")
+    otlp_service_name: str = _router("otlp_service_name")
+    cors_allow_origin: tuple[str, ...] = _router("cors_allow_origin")
     api_key: str | None = None
-    api_key_file: str | None = None
-    watermark_gamma: float | None = None
-    watermark_delta: float | None = None
-    tokenizer_config_path: str | None = None
-    disable_grammar_support: bool = False
-    max_client_batch_size: int = 4
-    strict_model_name: bool = False
-    reasoning_parser: str = "auto"
-    payload_limit: int = 2_000_000
-    graceful_termination_timeout: int = 90
-    request_timeout: float | None = None
-    client_header_timeout: float = 15.0
-    client_body_timeout: float = 60.0
-    disable_prefix_caching: bool = False
+    api_key_file: str | None = _router("api_key_file")
+    # Requests with `watermark: true` (Kirchenbauer et al.): green-list share and logit bonus, read
+    # by the shards (WATERMARK_GAMMA / WATERMARK_DELTA; shard/watermark.py). TGI's defaults.
+    watermark_gamma: float = Watermark().gamma
+    watermark_delta: float = Watermark().delta
+    tokenizer_config_path: str | None = _router("tokenizer_config_path")
+    disable_grammar_support: bool = _router("disable_grammar_support")
+    max_client_batch_size: int = _router("max_client_batch_size")
+    strict_model_name: bool = _router("strict_model_name")
+    reasoning_parser: str = _router("reasoning_parser")
+    payload_limit: int = _router("payload_limit")
+    graceful_termination_timeout: int = _router("graceful_termination_timeout")
+    request_timeout: float | None = _router("request_timeout")
+    client_header_timeout: float = _router("client_header_timeout")
+    client_body_timeout: float = _router("client_body_timeout")
+    disable_prefix_caching: bool = _router("disable_prefix_caching")
     usage_stats: str = "off"
     env: bool = False
     # Not flags: LOG_LEVEL (TGI's env-only filter), the GPUs cli.py counted (launcher/gpu.py: the
@@ -182,6 +190,7 @@ def validate(args: LauncherArgs) -> None:
         raise ConfigError(f"`cuda_memory_fraction` must be in (0, 1] (got {args.cuda_memory_fraction})")
     try:
         parse_cuda_graphs(args.cuda_graphs)  # the shard's own parser: one format, checked before any start
+        Watermark(args.watermark_gamma, args.watermark_delta)  # the shard's own rule, likewise
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if not 0 < args.port < 65536:

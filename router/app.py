@@ -11,10 +11,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from router import request_id
-from router.auth import ApiKeys
 from router.config import RouterConfig
-from router.docs import PUBLIC_PATHS as DOCS_PATHS, DocsRoutes
-from router.drain import DRAIN, Drain
 from router.errors import (
     AuthenticationError,
     DrainingError,
@@ -22,15 +19,18 @@ from router.errors import (
     RequestTimeoutError,
     RouterError,
 )
-from router.openai import OPENAI_REQUEST, OpenAIRoutes
-from router.probes import ProbeRoutes
+from router.http.auth import ApiKeys
+from router.http.docs import PUBLIC_PATHS as DOCS_PATHS, DocsRoutes
+from router.http.drain import DRAIN, Drain
+from router.http.probes import PROBE_PATHS, ProbeRoutes
+from router.openai.routes import OPENAI_REQUEST, OpenAIRoutes
 from router.routes import TgiRoutes
 from router.state import STATE, AppState
 from router.tracing import tracing_middleware
 
 log = logging.getLogger(__name__)
 # Every other path needs the API key (when one is set), unknown paths included: deny by default.
-PUBLIC_PATHS = frozenset({"/health", "/ping", "/info", "/metrics", "/live", "/ready"}) | DOCS_PATHS
+PUBLIC_PATHS = PROBE_PATHS | {"/info"} | DOCS_PATHS
 REQUEST_ID = web.RequestKey("request_id", str)
 DRAIN_RETRY_AFTER_SECONDS = 5  # long enough for a load balancer to drop this replica
 

@@ -1,8 +1,15 @@
-"""RouterConfig: the router process's one frozen configuration, built by its CLI."""
+"""RouterConfig: the router process's one frozen configuration, built by its CLI (router/cli.py, from
+the options in router/options.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from router.options import BY_NAME
+
+
+def _default(name: str) -> object:
+    return BY_NAME[name].default  # router/options.py: each option's default, written once
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,15 +42,20 @@ class RouterConfig:
     tokenizer_config_path: str | None
     prefix_caching: bool
     log_level: str = "info"
-    strict_model_name: bool = False  # /v1/*: 404 for a `model` other than the served one (or "tgi")
-    reasoning_parser: str = "auto"  # router.reasoning.CHOICES: `<think>` → reasoning_content
-    # Security and shutdown (router/auth.py, router/server.py, router/drain.py).
-    api_key_file: str | None = None  # more accepted keys, one per line
-    request_timeout: float | None = None  # seconds from queueing to the last token; None: no deadline
-    graceful_termination_timeout: float = 90.0  # SIGTERM → exit: how long in-flight requests may run on
-    client_header_timeout: float = 15.0  # connection open (or last response) → complete request headers
-    client_body_timeout: float = 60.0  # headers → complete request body
-    # Not a flag (TGI has none): an idle stream gets an SSE comment this often (router/sse.py).
+    # /v1/*: 404 for a `model` other than the served one (or "tgi")
+    strict_model_name: bool = _default("strict_model_name")
+    # router.openai.reasoning.CHOICES: `<think>` → reasoning_content
+    reasoning_parser: str = _default("reasoning_parser")
+    # Security and shutdown (router/http/auth.py, router/http/server.py, router/http/drain.py).
+    api_key_file: str | None = _default("api_key_file")  # more accepted keys, one per line
+    # seconds from queueing to the last token; None: no deadline
+    request_timeout: float | None = _default("request_timeout")
+    # SIGTERM → exit: how long in-flight requests may run on
+    graceful_termination_timeout: float = _default("graceful_termination_timeout")
+    # connection open (or last response) → complete request headers
+    client_header_timeout: float = _default("client_header_timeout")
+    client_body_timeout: float = _default("client_body_timeout")  # headers → complete request body
+    # Not a flag (TGI has none): an idle stream gets an SSE comment this often (router/http/sse.py).
     # Under the 30-60 s idle limit of common proxies; tests shorten it.
     sse_keep_alive_seconds: float = 15.0
 

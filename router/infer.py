@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 from router.errors import IncompleteGenerationError, OverloadedError, RequestTimeoutError, RouterError
+from router.events import ErrorEvent, Event, Finish, TokenEvent
 from router.metrics import Metrics
-from router.queue import Queue
-from router.request import Entry, ErrorEvent, Event, Finish, TokenEvent
+from router.request import Entry
+from router.scheduler.queue import Queue
 from router.schemas import GenerateRequest
 from router.tokenizer import Tokenizer
 from router.tracing import Tracer

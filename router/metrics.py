@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
-    from router.kv import KVManager
+    from router.scheduler.kv import KVManager
 
 DURATION_BUCKETS = tuple(0.00015 * 1.5**i for i in range(35))
 # TGI's `err` labels for error types whose JSON `error_type` is longer.

@@ -1,4 +1,5 @@
-"""Entry: the router-side state of one generation request, and the events it streams.
+"""Entry: the router-side state of one generation request (the events it streams are in
+router/events.py).
 
 The batcher owns entries while they run; the HTTP handler only reads `events`. Per-token work
 (incremental detokenization, stop strings, finish) happens in `Entry.on_token`, so the handler
@@ -14,56 +15,12 @@ from dataclasses import dataclass, field
 
 from router.detokenizer import IncrementalDetokenizer, StopSequenceMatcher
 from router.errors import RouterError
-from router.kv import Allocation
+from router.events import ErrorEvent, Finish, StepLog, TokenEvent, TokenInfo
+from router.scheduler.kv import Allocation
 from router.tokenizer import Tokenizer
-from router.tracing import StepLog
 from router.validation import ValidRequest
 
 FINISH_REASONS = {0: "length", 1: "eos_token", 2: "stop_sequence"}
-
-
-@dataclass(frozen=True, slots=True)
-class TokenInfo:
-    id: int
-    text: str
-    logprob: float | None  # None where unknown (first prompt token, cached prefix)
-    special: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    generated_text: str  # skip_special_tokens decode of all generated ids (+ prompt if full text)
-    finish_reason: str  # "length" | "eos_token" | "stop_sequence"
-    generated_tokens: int
-    seed: int | None
-    prefill: tuple[TokenInfo, ...]
-    input_length: int
-    queued_at: float
-    batched_at: float
-    finished_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
-    index: int  # 1-based position of the token in the generation
-    token: TokenInfo
-    top_tokens: tuple[TokenInfo, ...]
-    finish: Finish | None  # set on the last token
-    # The text this token adds to the output after stop-sequence handling: equal to token.text
-    # in TGI mode; in OpenAI mode a stop sequence and anything after it never appear, and text
-    # that might begin one is held back until it cannot.
-    text: str = ""
-    # On the first event only: the prompt's tokens with logprobs (decoder_input_details), so that
-    # a stream can echo them before the end.
-    prefill: tuple[TokenInfo, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorEvent:
-    error: RouterError
-
-
-Event = TokenEvent | ErrorEvent
 
 
 @dataclass(slots=True, eq=False)

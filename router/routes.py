@@ -9,10 +9,10 @@ from aiohttp import web
 
 from router import bounds
 from router.errors import UnhealthyError, ValidationError
+from router.events import ErrorEvent, Finish, TokenEvent, TokenInfo
+from router.http.sse import ClientGone, SseWriter
 from router.infer import Generated
-from router.request import ErrorEvent, Finish, TokenEvent, TokenInfo
 from router.schemas import parse_generate_request
-from router.sse import ClientGone, SseWriter
 from router.state import STATE, AppState
 
 COMPUTE_TYPE = "cpu+optimized"

@@ -9,15 +9,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from router.batcher import Batcher, BatchLimits
-from router.client import ShardedClient, ShardError
-from router import grammar
-from router.config import RouterConfig
-from router.infer import Infer
-from router.kv import KVManager
-from router.metrics import Metrics
 from pytgi_proto import generate_pb2 as pb
-from router.queue import Queue
+from router.config import RouterConfig
+from router.grammar import validator as grammars
+from router.infer import Infer
+from router.metrics import Metrics
+from router.scheduler.batcher import Batcher, BatchLimits
+from router.scheduler.client import ShardedClient, ShardError
+from router.scheduler.kv import KVManager
+from router.scheduler.queue import Queue
 from router.tokenizer import Tokenizer
 from router.tracing import Tracer, tracer_for
 from router.validation import ValidationLimits, Validator
@@ -128,13 +128,13 @@ class AppState:
         # Shards that cannot enforce a grammar make the router reject grammars, not drop them.
         no_grammar = config.disable_grammar_support or not info.supports_grammar
         # The shards compile each grammar before its request is queued, never in a step.
-        grammar_validator = grammar.GrammarValidator(tokenizer, disabled=no_grammar, shards=client)
+        grammar_validator = grammars.GrammarValidator(tokenizer, disabled=no_grammar, shards=client)
         validator = Validator(tokenizer, ValidationLimits(
             max_best_of=config.max_best_of, max_stop_sequences=config.max_stop_sequences,
             max_top_n_tokens=config.max_top_n_tokens, max_input_tokens=limits.max_input_tokens,
             max_total_tokens=limits.max_total_tokens, disable_grammar_support=no_grammar,
         ), grammar_validator)
-        grammar.set_default(validator.grammar)  # what grammar.constraint_for (OpenAI routes) uses
+        grammars.set_default(validator.grammar)  # what grammars.constraint_for (OpenAI routes) uses
         infer = Infer(validator, tokenizer, queue, metrics, config.max_concurrent_requests,
                       request_timeout=config.request_timeout, tracer=tracer)
         return cls(config, client, info, tokenizer, limits, metrics, batcher, infer)

@@ -13,7 +13,7 @@ The spans of one HTTP request:
 A request with `n` choices or `best_of` has one queue/infer pair per generation.
 
 The batcher never calls OpenTelemetry: after each step it appends the step's timings to the
-`StepLog` of every traced generation in it (a few attribute writes; a decode step only updates a
+`StepLog` (router/events.py) of every traced generation in it (a few attribute writes; a decode step only updates a
 running summary, so a long generation does not grow its log), and the generation's spans are made
 from those timestamps when it ends. The log's parent is OpenTelemetry's current context when the
 generation starts: the request span, which the middleware makes current for the handler's task and
@@ -29,61 +29,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from router import request_id
+from router.events import ErrorEvent, Event, StepLog
+from router.http.probes import PROBE_PATHS
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
     from router.config import RouterConfig
-    from router.request import Entry, Event
+    from router.request import Entry
 
 log = logging.getLogger(__name__)
-# Probes and scrapes would bury the generation traces.
-UNTRACED_PATHS = frozenset({"/health", "/ping", "/metrics", "/live", "/ready"})
-
-
-@dataclass(frozen=True, slots=True)
-class StepRecord:
-    start: float  # time.monotonic()
-    end: float
-    batch_size: int
-    num_tokens: int  # prompt tokens this step computed for the generation
-    forward_ns: int  # the shard's forward time for the whole batch
-
-
-@dataclass(slots=True, eq=False)
-class StepLog:
-    """The shard steps one traced generation took part in, filled by the batcher."""
-
-    context: Any  # the OpenTelemetry Context its spans are children of
-    # time.time_ns() - time.monotonic_ns() when the log was made: turns step times into span times.
-    wall_offset_ns: int
-    prefills: list[StepRecord] = field(default_factory=list)
-    decode_steps: int = 0
-    decode_start: float = 0.0
-    decode_end: float = 0.0
-    decode_batch_sizes: int = 0  # summed over its decode steps, for the mean
-    decode_forward_ns: int = 0
-
-    def record(self, method: str, start: float, end: float, batch_size: int, num_tokens: int,
-               forward_ns: int) -> None:
-        if method == "prefill":
-            self.prefills.append(StepRecord(start, end, batch_size, num_tokens, forward_ns))
-            return
-        if not self.decode_steps:
-            self.decode_start = start
-        self.decode_steps += 1
-        self.decode_end = end
-        self.decode_batch_sizes += batch_size
-        self.decode_forward_ns += forward_ns
-
-    def wall_ns(self, monotonic: float) -> int:
-        return int(monotonic * 1e9) + self.wall_offset_ns
+UNTRACED_PATHS = PROBE_PATHS  # probes and scrapes would bury the generation traces
 
 
 class Tracer:
@@ -199,8 +160,6 @@ class Tracer:
         infer.end(end_time=ns(finish.finished_at if finish is not None else now))
 
     def _set_outcome(self, span, end: Event | None) -> None:
-        from router.request import ErrorEvent
-
         if end is None:
             span.set_attribute("pytgi.cancelled", True)
         elif isinstance(end, ErrorEvent):

@@ -25,7 +25,7 @@ because clients and tests compare them):
 - `max_new_tokens` absent ⇒ `max_total_tokens - input_length` in one go. TGI schedules that in
   segments of 1024 tokens and checks `input + min(that, 1024)`; without segments the two are the
   same check because the absent value always fits exactly.
-- `grammar` is compile-checked here (router/grammar.py: size and repetition limits, a real
+- `grammar` is compile-checked here (router/grammar/builder.py: size and repetition limits, a real
   compile off the event loop within a timeout, cached by hash) and enforced by the shards; with
   `--disable-grammar-support` (or shards without grammar support) it is rejected, "grammar is
   not supported", never silently ignored. A `json` schema need not have `properties` (TGI
@@ -44,7 +44,8 @@ from dataclasses import dataclass
 
 from router import bounds
 from router.errors import ContextLengthError, ValidationError
-from router.grammar import GrammarError, GrammarNotSupported, GrammarValidator, native_grammar
+from router.grammar.builder import GrammarError, native_grammar
+from router.grammar.validator import GrammarNotSupported, GrammarValidator
 from router.schemas import GenerateParameters, GenerateRequest
 from router.tokenizer import Tokenizer
 
@@ -91,7 +92,7 @@ class ValidParameters:
     ignore_eos: bool = False
     include_stop: bool = True  # TGI keeps the stop text in the output; OpenAI strips it
     skip_special_tokens: bool = False  # per-token text: TGI shows "<|im_end|>"; OpenAI content doesn't
-    # Constrained decoding (router/grammar.py): pb.GrammarType and its text; 0 / "" = none.
+    # Constrained decoding (router/grammar/builder.py): pb.GrammarType and its text; 0 / "" = none.
     grammar_type: int = 0
     grammar: str = ""
 

@@ -7,9 +7,11 @@ backends:
 * `SdpaBackend`: torch's scaled_dot_product_attention on gathered K/V. Runs on any device and is
   the correctness oracle in tests. Decode rows (one query token) are batched into one SDPA call
   over a padded gather; prefill rows run one call each (padding a 512-token prompt next to 31
-  decode rows would waste 31x the attention FLOPs).
-* `PagedCpuBackend`: SDPA for prefill rows, and for decode rows the compiled kernel of
-  shard/cpu_kernels.py, which reads K/V in place through block tables (no gather, no padding).
+  decode rows would waste 31x the attention FLOPs). Its sums follow its kernels' block sizes, so a
+  token's bits can depend on how the step was cut (chunking, a cached prefix).
+* `PagedCpuBackend`: every token of the step, prompt chunks included, through the compiled kernel
+  of shard/cpu_kernels.py, which reads K/V in place through block tables (no gather, no padding)
+  with one arithmetic per query row: batch- and cache-invariant by construction.
 * `FlashAttnBackend` (CUDA, lazy import): flash-attn's varlen kernel reading the paged cache
   through block tables directly.
 
@@ -349,7 +351,7 @@ def build_metadata(
     seqs: list[SeqStep], block_size: int, device: torch.device, layout: str = "padded"
 ) -> AttentionMetadata:
     """The step's attention inputs in the backend's `layout`: "padded" (SDPA), "paged" (block
-    tables for decode rows) or "flash" (varlen + block tables for every row)."""
+    tables for every row: the CPU kernel) or "flash" (the same varlen inputs, for flash-attn)."""
     # Both the flash and the paged layout (the CPU kernel) take every token as a row of a varlen
     # batch reading the block tables; explicit-slot probes take the padded path.
     flash = layout == "flash" or (layout == "paged" and all(s.slots is None for s in seqs))

@@ -22,6 +22,7 @@ from shard.attention import AttentionMetadata, SeqStep, build_metadata
 from shard.grammar import GrammarMask, Grammars, GrammarState, step_mask
 from pytgi_proto import generate_pb2 as pb
 from shard.sampling import Sampler, SampleOutput, SamplingParams
+from shard.watermark import Watermark
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ class Batch:
 
     @classmethod
     def from_pb(cls, batch: pb.Batch, vocab_size: int, device: torch.device,
-                grammars: Grammars | None = None, seed_base: int | None = None) -> "Batch":
+                grammars: Grammars | None = None, seed_base: int | None = None,
+                watermark: Watermark = Watermark()) -> "Batch":
         if seed_base is None:
             seed_base = secrets.randbits(64)  # one rank (tests): nothing to agree with
         requests, params = [], []
@@ -153,7 +155,8 @@ class Batch:
                 grammar=grammar,
             ))
             params.append(p)
-        sampler = Sampler.build(params, [s.prompt_ids for s in requests], [[] for _ in requests], vocab_size, device)
+        sampler = Sampler.build(params, [s.prompt_ids for s in requests], [[] for _ in requests], vocab_size, device,
+                                watermark)
         return cls(batch.id, requests, sampler)
 
     def filter(self, request_ids: list[int]) -> "Batch":

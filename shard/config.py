@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from shard.graph_sizes import parse_cuda_graphs
+from shard.watermark import Watermark
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +67,9 @@ class ShardConfig:
     # Decode batch sizes to capture as CUDA graphs (--cuda-graphs / CUDA_GRAPHS, TGI's name and
     # format); None: the default (shard/cuda_graphs.py), (): "0", off.
     cuda_graphs: tuple[int, ...] | None = None
+    # --watermark-gamma / --watermark-delta (WATERMARK_GAMMA / WATERMARK_DELTA, TGI's names and
+    # defaults): for the requests that ask for a watermark.
+    watermark: Watermark = Watermark()
 
     @property
     def tcp_address(self) -> str | None:
@@ -77,6 +81,7 @@ class ShardConfig:
 
 
 ATTENTION_CHOICES = ("paged", "sdpa")
+_WATERMARK = Watermark()  # the defaults
 
 
 def default_cache_dir() -> Path:
@@ -144,6 +149,8 @@ def build_config(
         memory_fraction=memory_fraction if memory_fraction is not None else _memory_fraction(env, dev),
         wiggle_room=_fraction(env, "TGI_WIGGLE_ROOM", "0.90", allow_one=False),
         max_batch_size=int(env["MAX_BATCH_SIZE"]) if env.get("MAX_BATCH_SIZE") else None,
+        watermark=Watermark(float(env.get("WATERMARK_GAMMA") or _WATERMARK.gamma),
+                            float(env.get("WATERMARK_DELTA") or _WATERMARK.delta)),
         cache_dir=default_cache_dir(),
         hub_cache_dir=Path(hub_cache) if hub_cache else None,
         offline=offline,

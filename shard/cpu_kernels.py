@@ -1,10 +1,11 @@
 """Native CPU kernels, compiled once per machine with the local C++ compiler.
 
 Two libraries:
-* decode attention over the paged K/V cache (csrc/paged_attention.cpp). torch's SDPA path first
-  gathers every sequence's K/V into a padded copy; on the bundled model at batch 32 with
-  200-token contexts that gather plus SDPA took ~48 % of an int8 decode step, and the kernel does
-  the same attention ~10x faster (benchmarks/attention_bench.py).
+* attention over the paged K/V cache for every token of a step (csrc/paged_attention.cpp). torch's
+  SDPA path first gathers every sequence's K/V into a padded copy; on the bundled model at batch
+  32 with 200-token contexts that gather plus SDPA took ~48 % of an int8 decode step, and the
+  kernel does the same attention ~10x faster (benchmarks/attention_bench.py). Prompt tokens go
+  through it too, for batch and cache invariance (its header comment).
 * fused per-layer elementwise ops (csrc/fused_ops.cpp): residual add + RMSNorm, SiLU(gate) * up,
   rotary on q and k in place: one call each instead of ~8, ~3 and ~10 torch ops. They reproduce
   torch's arithmetic operation by operation (its sum order included), so the model's outputs are

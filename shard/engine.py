@@ -65,7 +65,7 @@ class Engine:
     def prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
         start = time.perf_counter_ns()
         batch = Batch.from_pb(request.batch, self.info.vocab_size, self.config.device, self.grammars,
-                              self.seed_base)
+                              self.seed_base, self.config.watermark)
         concat_ns = None
         if request.HasField("cached_batch"):
             concat_start = time.perf_counter_ns()

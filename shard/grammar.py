@@ -30,7 +30,7 @@ Flow per request (`NextTokenChooserParameters.grammar` / `grammar_type`):
 
 Batches without any constrained row never call into this module (the sampler's fast paths are
 unchanged). The compile options live in `JSON_SCHEMA_OPTIONS` / `compile_grammar`; the router's
-validation (router/grammar.py) mirrors them, and a test keeps the two equal.
+validation (router/grammar/builder.py) mirrors them, and a test keeps the two equal.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def tokenizer_info(tokenizer, vocab_size: int | None, stop_ids: Iterable[int]):
 
 
 def grammar_key(grammar_type: int, text: str) -> tuple[int, bytes]:
-    """What compiled grammars are cached by (the router's router.grammar.grammar_key too)."""
+    """What compiled grammars are cached by (the router's router.grammar.builder.grammar_key too)."""
     return grammar_type, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 

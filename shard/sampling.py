@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from shard.watermark import Watermark
+
 if TYPE_CHECKING:
     from shard.grammar import GrammarMask
 
@@ -33,10 +35,8 @@ _WARP = _TEMP | _TOP_K | _TOP_P | _TYPICAL | _MIN_P
 _C_TEMP, _C_TOP_K, _C_TOP_P, _C_TYPICAL, _C_MIN_P, _C_REP, _C_FREQ, _C_PRES = range(8)
 _N_COLS = 8
 
-# Kirchenbauer et al. watermark constants, as in TGI.
+# Kirchenbauer et al. watermark: TGI's hash key; gamma and delta are the shard's (shard/watermark.py).
 _WM_HASH_KEY = 15485863
-_WM_GAMMA = 0.5
-_WM_DELTA = 2.0
 
 _NEG_INF = float("-inf")
 
@@ -219,12 +219,12 @@ def _warp(scores: torch.Tensor, table: torch.Tensor, flags: int, k_max: int) -> 
     return scores
 
 
-def _greenlist_mask(prev_tokens: list[int], vocab: int) -> torch.Tensor:
+def _greenlist_mask(prev_tokens: list[int], vocab: int, gamma: float) -> torch.Tensor:
     # A dedicated CPU generator, reseeded per row per step, keeps the green list a pure
     # function of the previous token and leaves the rows' sampling generators untouched.
     rng = torch.Generator(device="cpu")
     mask = torch.zeros(len(prev_tokens), vocab, dtype=torch.bool)
-    size = int(vocab * _WM_GAMMA)
+    size = int(vocab * gamma)
     for k, prev in enumerate(prev_tokens):
         rng.manual_seed(_WM_HASH_KEY * prev)
         mask[k, torch.randperm(vocab, generator=rng)[:size]] = True
@@ -248,6 +248,7 @@ class Sampler:
     prev: torch.Tensor | None  # [B] int64, last accepted token (watermark)
     vocab_size: int
     device: torch.device
+    watermark: Watermark = Watermark()
     all_flags: int = field(init=False)
     max_top_n: int = field(init=False)
 
@@ -258,7 +259,7 @@ class Sampler:
     @classmethod
     def build(
         cls, params: list[SamplingParams], prompt_ids: list[list[int]],
-        output_ids: list[list[int]], vocab_size: int, device: torch.device,
+        output_ids: list[list[int]], vocab_size: int, device: torch.device, watermark: Watermark = Watermark(),
     ) -> Sampler:
         device = torch.device(device)
         flags = tuple(_row_flags(p) for p in params)
@@ -280,7 +281,7 @@ class Sampler:
             last = [(o or p or [0])[-1] for p, o in zip(prompt_ids, output_ids)]
             prev = torch.tensor(last, dtype=torch.long, device=device)
         return cls(tuple(params), generators, flags, table, seen, counts, prev,
-                   vocab_size, device)
+                   vocab_size, device, watermark)
 
     @property
     def size(self) -> int:
@@ -300,7 +301,7 @@ class Sampler:
             tuple(self.params[i] for i in indices), tuple(self.generators[i] for i in indices),
             flags, self.table.index_select(0, idx), pick(self.seen, _REP),
             pick(self.counts, _FREQ_PRES), pick(self.prev, _WATERMARK),
-            self.vocab_size, self.device,
+            self.vocab_size, self.device, self.watermark,
         )
 
     @classmethod
@@ -327,7 +328,7 @@ class Sampler:
             cat("seen", _REP, (vocab,), torch.bool),
             cat("counts", _FREQ_PRES, (vocab,), torch.float32),
             cat("prev", _WATERMARK, (), torch.long),
-            vocab, dev,
+            vocab, dev, first.watermark,
         )
 
     def __call__(self, logits: torch.Tensor, rows: list[int] | None = None,
@@ -423,9 +424,9 @@ class Sampler:
         if flags & _WATERMARK:
             pos, brows = self._positions(rows, _WATERMARK)
             prev = self.prev[brows].tolist()
-            green = _greenlist_mask(prev, scores.shape[-1]).to(scores.device)
+            green = _greenlist_mask(prev, scores.shape[-1], self.watermark.gamma).to(scores.device)
             pos_t = torch.tensor(pos, dtype=torch.long, device=scores.device)
-            scores.index_add_(0, pos_t, green.to(scores.dtype) * _WM_DELTA)
+            scores.index_add_(0, pos_t, green.to(scores.dtype) * self.watermark.delta)
         if mask is not None:
             mask.apply_(scores)
         if flags & _WARP:

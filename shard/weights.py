@@ -3,7 +3,7 @@
 Only this rank's slice is read from disk (`safe_open(...).get_slice`), so every shard's resident
 weight bytes are about 1/N of the model.
 
-A GGUF served natively (`--quantize gguf`, the default for GGUFs on the CPU) adds a second
+A GGUF served natively (`--quantize gguf`, opt-in on the CPU) adds a second
 source: a linear layer's weight asked for with `quantized=True` comes from the GGUF file as the
 file stores it (`BlockQuantized`, shard/gguf_weights.py) when its type has a kernel; everything
 else still comes from the dequantized safetensors copy of the same file.

@@ -13,8 +13,8 @@ int4 4x fp32 at batch 1, ~89 %.
 gguf: the weights a GGUF file ships, loaded as they are (`BlockQuantized`, read by
 shard/gguf_weights.py) into the int4 kernel with the file's own per-32 scales: Q4_0 / Q4_1
 directly, Q8_0 split into two nibbles (`Int4Linear.from_blocks`). No requantization; the only
-rounding is the kernel's: bf16 activations, bf16 scales. The default for a GGUF model on the CPU
-(`choose_quantize`). On the bundled Q4_1 SmolLM2, 98.3 % teacher-forced greedy agreement with
+rounding is the kernel's: bf16 activations, bf16 scales. Opt-in (`choose_quantize` says why).
+On the bundled Q4_1 SmolLM2, 98.3 % teacher-forced greedy agreement with
 its exact (dequantized fp32) weights; ~2.2x fp32's batch-1 decode step, ~0.9x at batch 32
 (the int4 kernel's cost grows with the batch).
 """
@@ -105,8 +105,8 @@ def choose_quantize(requested: str | None, device_type: str, is_gguf: bool, fast
     `--quantize gguf` serves a GGUF model's own quantized weights on the CPU: what llama.cpp
     runs, the closest to the file of the fast modes (98 % greedy agreement with its exact
     weights, int8 91 %, int4 89 %) and 2.2-2.6x fp32 at one stream. It is not the default (yet):
-    torch's int4 kernel does not give a request the same greedy tokens alone and in a batch, and
-    at 32 streams it is slower than fp32 (README "CPU quantization"). Without --quantize every
+    at 32 streams it is slower than fp32 (the split Q8_0 LM head), and the served tests assume
+    the dense default (README "CPU quantization"). Without --quantize every
     model is served dense in its dtype (a GGUF dequantized, the path the fidelity tests compare
     with transformers).
     """

@@ -20,7 +20,7 @@ class ModelContext:
     dtype: torch.dtype
     block_size: int | None  # requested KV block size; None: the attention plan's default (attention.py)
     trust_remote_code: bool = False
-    quantize: str | None = None  # "int8" | "int4": CPU weight quantization at load (layers/quant.py)
+    quantize: str | None = None  # "int8" | "int4" | "gguf": CPU weight quantization at load (layers/quant.py)
     attention: str = "paged"  # ShardConfig.attention
     cpu_kernel: PagedAttention | None = None  # the compiled paged-attention kernel, when it built (cpu_kernels.py)
     fused_ops: FusedOps | None = None  # the compiled per-layer CPU kernels, when they built (cpu_kernels.py)

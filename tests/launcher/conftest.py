@@ -20,6 +20,9 @@ from launcher.config import LauncherArgs
 from launcher.supervisor import Supervisor
 
 FAKE = str(Path(__file__).with_name("fake_child.py"))
+# Generous for fake children on a busy 2-core machine (a run takes 0.5-3 s), and half the 60 s
+# that the tests' slow paths (a load, a download, a grace period) would take.
+WATCHDOG_S = 30.0
 
 
 def free_port() -> int:
@@ -94,22 +97,30 @@ class Harness:
             **kwargs,
         )
 
-    def run(self, supervisor: Supervisor, when: str | None = None, action=None, timeout: float = 15) -> Run:
-        """Run in this (main) thread; once `when` is in the output, a helper thread calls `action()`."""
+    def run(self, supervisor: Supervisor, when: str | None = None, action=None, timeout: float = WATCHDOG_S) -> Run:
+        """Run in this (main) thread; once `when` is in the output, a helper thread calls `action()`.
+        A run still going after `timeout` is stopped (SIGTERM) and fails the test: "fast" in these
+        tests means well before it, where the slow path they rule out waits longer (60 s)."""
         out = supervisor.out.stream
         if when is not None:
             def trigger():
                 if wait_until(lambda: when in out.getvalue(), timeout):
                     action()
             threading.Thread(target=trigger, daemon=True).start()
-        # A safety net so a broken supervisor cannot hang the test run.
-        watchdog = threading.Timer(timeout, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        fired = threading.Event()
+
+        def expire():
+            fired.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        watchdog = threading.Timer(timeout, expire)
         watchdog.start()
         started = time.monotonic()
         try:
             code = supervisor.run()
         finally:
             watchdog.cancel()
+        assert not fired.is_set(), f"the supervisor was still running after {timeout:g} s:\n{out.getvalue()}"
         return Run(code, out.getvalue(), time.monotonic() - started)
 
     def pids(self, suffix: str = ".pid") -> dict[str, int]:

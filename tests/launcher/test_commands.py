@@ -48,7 +48,7 @@ def test_shard_env():
     assert env["RANK"] == "1" and env["WORLD_SIZE"] == "4"
     assert env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == "1234"
     assert env["HUGGINGFACE_HUB_CACHE"] == "/hub" and env["WEIGHTS_CACHE_OVERRIDE"] == "/w"
-    assert env["WATERMARK_GAMMA"] == "0.4" and "WATERMARK_DELTA" not in env
+    assert env["WATERMARK_GAMMA"] == "0.4" and env["WATERMARK_DELTA"] == "2.0"  # the default runs, and is shown
     assert env["MAX_BATCH_SIZE"] == "8" and env["CUDA_MEMORY_FRACTION"] == "0.5"
     assert env["HF_TOKEN"] == "tok" and env["PATH"] == "/bin" and env["PYTHONUNBUFFERED"] == "1"
 
@@ -76,9 +76,11 @@ def test_router_argv_with_every_option_set():
     )
     args = LauncherArgs(**values, explicit=frozenset(values))
     argv = commands.build_router_argv(args)
-    assert argv == [
+    assert argv[:11] == [
         "text-generation-router", "--master-shard-uds-path", "/tmp/text-generation-server-0",
         "--hostname", "0.0.0.0", "--port", "3000", "--model-id", "org/m", "--revision", "r",
+    ]
+    assert _options(argv[11:]) == _options([
         "--max-input-tokens", "100",
         "--max-concurrent-requests", "10", "--max-best-of", "3", "--max-stop-sequences", "2",
         "--max-top-n-tokens", "7", "--max-total-tokens", "200", "--waiting-served-ratio", "1.2",
@@ -90,7 +92,20 @@ def test_router_argv_with_every_option_set():
         "--disable-prefix-caching", "--reasoning-parser", "none", "--api-key-file", "/keys",
         "--request-timeout", "30.0",
         "--graceful-termination-timeout", "20", "--client-header-timeout", "5.0", "--client-body-timeout", "10.0",
-    ]
+    ])
+
+
+def _options(argv: list[str]) -> dict[str, list[str]]:
+    """--flag value... pairs (a bare flag has no values), in any order; repeats keep their order."""
+    parsed: dict[str, list[str]] = {}
+    flag = None
+    for token in argv:
+        if token.startswith("--"):
+            flag = token
+            parsed.setdefault(flag, [])
+        else:
+            parsed[flag].append(token)
+    return parsed
 
 
 def test_api_key_reaches_the_router_through_its_environment_not_its_argv():

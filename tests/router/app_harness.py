@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 
 from router.config import RouterConfig
+from router.events import Finish, TokenEvent, TokenInfo
 from router.infer import Infer
 from router.metrics import Metrics
-from router.request import Finish, TokenEvent, TokenInfo
 from router.state import Limits
 from router.validation import ValidationLimits, Validator
 

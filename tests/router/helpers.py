@@ -6,12 +6,12 @@ import asyncio
 from dataclasses import dataclass
 
 from pytgi_proto import generate_pb2 as pb
-from router.batcher import Batcher, BatchLimits
-from router.client import ShardError
 from router.infer import Infer
-from router.kv import KVManager
 from router.metrics import Metrics
-from router.queue import Queue
+from router.scheduler.batcher import Batcher, BatchLimits
+from router.scheduler.client import ShardError
+from router.scheduler.kv import KVManager
+from router.scheduler.queue import Queue
 from router.validation import ValidParameters, ValidRequest
 
 

@@ -8,11 +8,11 @@ import json
 import pytest
 
 from router import bounds
-from router.auth import ApiKeys
 from router.errors import ValidationError
-from router.openai_schemas import parse_chat_request, parse_completion_request
+from router.http.auth import ApiKeys
+from router.openai.requests import parse_chat_request, parse_completion_request
 from router.schemas import parse_generate_request
-from tests.router.test_openai_schemas import LIMITS, USER, chat_error, completion_error
+from tests.router.openai.test_requests import LIMITS, USER, chat_error, completion_error
 from tests.router.test_validation import error as validation_error
 from tests.router.test_validation import validate
 from tests.router.test_validation import validator  # noqa: F401 - the fixture

@@ -18,7 +18,7 @@ HOSTILE = "model\r\n2030-01-01 00:00:00,000 INFO router router.app: forged\x1b[2
 
 
 def record(msg: str, *args, exc_info=None) -> logging.LogRecord:
-    return logging.LogRecord("router.openai", logging.WARNING, __file__, 1, msg, args, exc_info)
+    return logging.LogRecord("router.openai.routes", logging.WARNING, __file__, 1, msg, args, exc_info)
 
 
 def test_text_lines_escape_every_control_character():

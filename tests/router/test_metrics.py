@@ -8,9 +8,9 @@ from contextlib import aclosing
 
 import pytest
 
-from router.kv import KVManager
+from router.events import ErrorEvent
 from router.metrics import Metrics
-from router.request import ErrorEvent
+from router.scheduler.kv import KVManager
 from tests.conftest import make_engine, save_tiny
 from tests.router.helpers import scraped, serving, valid_request
 

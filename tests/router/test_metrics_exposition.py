@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.kv import KVManager
 from router.metrics import Metrics
+from router.scheduler.kv import KVManager
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "grafana" / "tgi_grafana.json"
 

@@ -78,6 +78,6 @@ def test_log_formats_carry_the_id():
         request_id.CURRENT.reset(token)
     assert json.loads(JsonFormatter().format(record))["request_id"] == "rid-7"
     assert TextFormatter().format(record).endswith("slow step [request_id=rid-7]")
-    outside = logging.LogRecord("router.batcher", logging.INFO, __file__, 1, "step", (), None)
+    outside = logging.LogRecord("router.scheduler.batcher", logging.INFO, __file__, 1, "step", (), None)
     RequestIdFilter().filter(outside)
     assert "request_id" not in json.loads(JsonFormatter().format(outside))

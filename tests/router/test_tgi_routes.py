@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.router.test_openai_app import run
+from tests.router.openai.test_routes import run
 
 LONE_SURROGATE = b'"a\\ud800b"'  # valid JSON, but no tokenizer input: Python keeps the lone surrogate
 

@@ -14,8 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from router.app import request_id_middleware
-from router.openai import merge_streams
-from router.request import ErrorEvent
+from router.events import ErrorEvent
+from router.openai.choices import merge_streams
 from router.tracing import Tracer, tracing_middleware
 from tests.conftest import make_engine, save_tiny
 from tests.router.helpers import serving, valid_request

@@ -259,7 +259,7 @@ def test_grammar_is_validated_and_passed_on(validator):
     valid = validate(validator, grammar={"type": "regex", "value": "[a-z]+"})
     assert valid.parameters.grammar == "[a-z]+" and valid.parameters.grammar_type == 2
     assert error(validator, grammar={"type": "regex", "value": "[a-z"}).startswith("grammar is not valid: ")
-    # (tests/router/test_grammar.py covers the grammar machinery itself)
+    # (tests/router/grammar/test_grammar.py covers the grammar machinery itself)
 
 
 def test_add_special_tokens_false(validator):

@@ -161,7 +161,7 @@ def test_block_quantized_slicing():
 
 
 def test_gguf_native_is_opt_in_and_checked():
-    # Not the default (yet): torch's int4 kernel is not batch-invariant (README "CPU quantization").
+    # Not the default (yet): slower than fp32 at 32 streams (README "CPU quantization").
     assert choose_quantize(None, "cpu", is_gguf=True, fast_path=True).method is None
     assert choose_quantize(None, "cpu", is_gguf=False, fast_path=True).method is None
     assert choose_quantize(GGUF, "cpu", is_gguf=True, fast_path=True).method == GGUF

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from pytgi_proto import generate_pb2 as pb
 from pytgi_proto import generate_pb2_grpc
-from router.grammar import GrammarError as RouterGrammarError
+from router.grammar.builder import GrammarError as RouterGrammarError
 from shard.grammar import GrammarError, GrammarMask, Grammars, step_mask
 from shard.model_source import resolve_model
 from tests.conftest import default_cache_dir, make_engine
@@ -179,11 +179,15 @@ def test_length_limit_inside_the_grammar(engine, smol):
 
 
 def test_chunked_prefill_with_grammar(engine, smol):
+    """A prompt prefilled 8 tokens at a time writes what the whole prompt at once writes."""
     _, tokenizer = smol
     prompt = chat(tokenizer, "A person, described as a JSON object with a name, an age and a city.")
-    request = json_request(1, prompt, 80, BlockPool(BLOCK), PERSON)
-    request.chunk_len = 8
-    outputs = generate(engine, [request])
+    pool = BlockPool(BLOCK)
+    chunked = json_request(1, prompt, 80, pool, PERSON)
+    chunked.chunk_len = 8
+    outputs = generate(engine, [chunked])
+    whole = generate(engine, [json_request(2, prompt, 80, pool, PERSON)])
+    assert outputs[1] == whole[2]
     jsonschema.validate(json.loads(tokenizer.decode(outputs[1])), PERSON)
 
 
@@ -375,8 +379,8 @@ def test_a_shard_compile_past_its_deadline_is_refused_for_good(engine, gated_com
 
 
 def test_router_prepares_grammars_on_the_shards_over_grpc(engine, smol, gated_compiles, tmp_path):
-    from router.client import ShardClient, ShardedClient
-    from router.grammar import GrammarValidator
+    from router.scheduler.client import ShardClient, ShardedClient
+    from router.grammar.validator import GrammarValidator
     from router.tokenizer import Tokenizer
     from shard.server import TextGenerationService
 

@@ -436,4 +436,4 @@ def test_bundled_second_call_reuses_folder(bundled, monkeypatch: pytest.MonkeyPa
     again = resolve_model("", cache_dir=cache_dir, progress=progress.append)
     elapsed = time.monotonic() - start
     assert again == source and progress == []
-    assert elapsed < 1.0 < first_seconds
+    assert elapsed < first_seconds / 10, (elapsed, first_seconds)  # a marker read, not a conversion

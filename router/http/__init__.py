@@ -1,0 +1,1 @@
+"""HTTP plumbing: the server and its shutdown, API keys, probes, SSE streams, and the API docs."""

@@ -1,0 +1,378 @@
+"""OpenAI-compatible routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, and
+`/chat_tokenize`. Handlers are thin: parse (requests) → admission → template → validate →
+run the choices (choices, Infer.stream) → shape (responses).
+
+Admission comes first, as on TGI's routes (an overloaded server answers 429 before any parsing),
+one permit per generation (`n` × prompts); permits are released when the response is done.
+`n` choices and several prompts run as concurrent entries (router/openai/choices.py).
+
+Errors after a stream has started arrive as one `data: {"error": {…}}` event, followed by
+`data: [DONE]` (vLLM's behaviour; the OpenAI SDK raises at the error event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import aclosing, contextmanager
+from dataclasses import replace
+
+from aiohttp import web
+
+from router import bounds
+from router.errors import ContextLengthError, InvalidRequestError, RouterError, ValidationError
+from router.events import ErrorEvent, TokenEvent
+from router.grammar import validator as grammars
+from router.grammar.builder import Constraint, GrammarError, build_constraint, tool_prompt
+from router.http.sse import ClientGone, SseWriter
+from router.openai import reasoning
+from router.openai.chat_template import ChatTemplate
+from router.openai.choices import collect, merge_streams, per_choice
+from router.openai.requests import (
+    ChatRequest,
+    OpenAILimits,
+    Sampling,
+    parse_chat_request,
+    parse_completion_request,
+)
+from router.openai.responses import ChatShaper, CompletionShaper, TokenStrings
+from router.routes import read_json, tokenize_with_offsets
+from router.schemas import GenerateParameters, GenerateRequest
+from router.state import STATE, VERSION, AppState
+from router.validation import ValidParameters, ValidRequest
+
+FINGERPRINT = f"pytgi-{VERSION}"
+# Set on requests answered by these handlers (also via /invocations): errors use OpenAI's envelope.
+OPENAI_REQUEST = web.RequestKey("openai", bool)
+# Content types read as JSON: JSON itself, and what curl (-d) and fetch (string body) send by default.
+JSON_CONTENT_TYPES = ("application/json", "application/x-www-form-urlencoded", "text/plain")
+
+
+async def read_openai_json(request: web.Request):
+    if "Content-Type" in request.headers:
+        mime = request.content_type
+        if mime not in JSON_CONTENT_TYPES and not mime.endswith("+json"):
+            raise InvalidRequestError(
+                f"Unsupported Content-Type {mime!r}: send the body as JSON with "
+                "'Content-Type: application/json'.",
+                status=415, code="unsupported_media_type")
+    try:
+        return bounds.loads(await request.read())
+    except bounds.JsonTooComplex as error:
+        raise InvalidRequestError(f"The JSON body of your request is too complex: {error}.",
+                                  code="invalid_json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidRequestError(f"We could not parse the JSON body of your request: {error}. The API "
+                                  "expects a JSON payload.", code="invalid_json") from error
+
+
+def generate_parameters(s: Sampling, top_n: int, decoder_input_details: bool = False) -> GenerateParameters:
+    """OpenAI sampling → TGI parameters: sampling unless greedy (temperature 0 or top_p 0)."""
+    greedy = s.greedy
+    return GenerateParameters(
+        do_sample=not greedy, temperature=0.0 if greedy else s.temperature,
+        top_p=None if greedy or s.top_p == 1.0 else s.top_p, top_k=None if greedy else s.top_k,
+        typical_p=None if greedy or s.typical_p == 1.0 else s.typical_p,
+        min_p=None if greedy or not s.min_p else s.min_p,
+        repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
+        presence_penalty=s.presence_penalty,
+        max_new_tokens=None if s.max_tokens is None else max(s.max_tokens, 1),
+        stop=list(s.stop), seed=s.seed, details=True, decoder_input_details=decoder_input_details,
+        top_n_tokens=top_n,
+    )
+
+
+def with_system_text(messages: list[dict], text: str) -> list[dict]:
+    """`messages` with `text` appended to the system message (one is added when there is none)."""
+    if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def context_error(error: ContextLengthError, what: str) -> InvalidRequestError:
+    if error.kind == "total":
+        message = (f"This model's maximum context length is {error.limit} tokens. However, you requested "
+                   f"{error.input_length + error.max_new_tokens} tokens ({error.input_length} in the {what}, "
+                   f"{error.max_new_tokens} in the completion). Please reduce the length of the {what} or "
+                   "completion.")
+    else:
+        message = (f"This model's maximum input length is {error.limit} tokens. However, your {what} "
+                   f"resulted in {error.input_length} tokens. Please reduce the length of the {what}.")
+    return InvalidRequestError(message, what, code="context_length_exceeded")
+
+
+def constraint_of(request) -> Constraint | None:
+    """The grammar that tools / response_format / grammar ask for, not compiled yet (see
+    `check_constraint`); its shape errors are OpenAI 400s carrying their `param`."""
+    if not getattr(request, "needs_constraint", False):
+        return None
+    with openai_grammar_errors():
+        return build_constraint(request)
+
+
+async def check_constraint(request, constraint: Constraint | None) -> None:
+    """Compile-check `constraint` (off the event loop; pinned on the shards while the request
+    runs). Called once the request passed every cheaper rule: a request refused anyway never
+    costs a compile."""
+    if constraint is not None:
+        with openai_grammar_errors():
+            await grammars.check_constraint(request, constraint)
+
+
+@contextmanager
+def openai_grammar_errors():
+    try:
+        yield
+    except grammars.GrammarNotSupported as error:
+        raise InvalidRequestError(f"'{error.param or 'response_format'}' is not supported by this server "
+                                  "(constrained decoding is disabled or unavailable).", error.param,
+                                  code="unsupported_parameter") from error
+    except GrammarError as error:
+        raise InvalidRequestError(getattr(error, "message", str(error)), error.param,
+                                  code="invalid_value") from error
+
+
+class Context:
+    """Per-server objects the OpenAI routes need, built at startup."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        config = state.config
+        self.template = ChatTemplate.from_tokenizer(state.tokenizer)
+        templates = "\n".join(filter(None, [self.template.template, *self.template.named.values()]))
+        self.reasoning = reasoning.resolve(config.reasoning_parser, templates)
+        self.tokens = TokenStrings(state.tokenizer)
+        self.limits = OpenAILimits(
+            max_stop_sequences=config.max_stop_sequences, max_top_n_tokens=config.max_top_n_tokens,
+            max_client_batch_size=config.max_client_batch_size, vocab_size=state.vocab_size,
+            max_input_tokens=state.limits.max_input_tokens)
+        self.created = int(time.time())
+        # Importing transformers' renderer takes seconds: off the loop, and awaited before a render.
+        self._warm = asyncio.get_running_loop().run_in_executor(None, self.template.warm_up)
+
+    def model_name(self, requested: str | None) -> str:
+        """The `model` to answer with: the request's (lenient, like TGI), or 404 when
+        --strict-model-name is set and it is neither the served model nor "tgi"."""
+        served = self.state.config.model_id
+        if requested is None:
+            return served
+        if self.state.config.strict_model_name and requested not in (served, "tgi"):
+            raise RouterError(f"The model `{requested}` does not exist (this server serves `{served}`).",
+                              status=404, error_type="model_not_found", param="model", code="model_not_found")
+        return requested
+
+    def model_card(self) -> dict:
+        return {"id": self.state.config.model_id, "object": "model", "created": self.created,
+                "owned_by": "pytgi"}
+
+    async def render(self, chat: ChatRequest) -> str:
+        await asyncio.shield(self._warm)
+        messages = chat.messages
+        if chat.tools and chat.tool_choice != "none" and not self.template.uses_tools(chat.tools):
+            # The template cannot show the tools: tell the model about them and about the call
+            # format the grammar enforces, in the system message.
+            messages = with_system_text(messages, tool_prompt(chat.tools))
+        try:
+            return await self.template.arender(messages, chat.tools, chat.chat_template_kwargs)
+        except RouterError as error:
+            error.param = "messages"
+            raise
+
+    async def validate(self, prompt: str | list[int], sampling: Sampling, *, add_special_tokens: bool,
+                       top_n: int, what: str, decoder_input_details: bool = False,
+                       constraint=None) -> ValidRequest:
+        ids = tuple(prompt) if isinstance(prompt, list) else None
+        parameters = generate_parameters(sampling, top_n, decoder_input_details)
+        # A token-id prompt is decoded only once it is known to fit: decoding is work proportional
+        # to a length the client chose.
+        request = GenerateRequest(inputs=prompt if ids is None else " ", parameters=parameters,
+                                  add_special_tokens=add_special_tokens, input_ids=ids)
+        try:
+            valid = await self.state.infer.validate(request)
+        except ContextLengthError as error:
+            raise context_error(error, what) from error
+        except ValidationError as error:
+            raise InvalidRequestError(error.reason) from error
+        if ids is not None:
+            valid = replace(valid, input_text=self.state.tokenizer.decode(ids))
+        params = replace(valid.parameters, logit_bias=sampling.logit_bias, ignore_eos=sampling.ignore_eos,
+                         include_stop=False, skip_special_tokens=True)
+        if constraint is not None:
+            if "grammar" not in ValidParameters.__dataclass_fields__:
+                raise InvalidRequestError("constrained decoding is not wired into generation yet",
+                                          code="unsupported_parameter")
+            params = replace(params, grammar_type=constraint.grammar_type, grammar=constraint.grammar)
+        return replace(valid, parameters=params)
+
+
+class Permits:
+    """The admission permits one OpenAI request holds: one taken on entry (so an overloaded server
+    answers 429 before any validation, like TGI), one more per extra generation ('n' × prompts),
+    all given back on exit."""
+
+    def __init__(self, state: AppState) -> None:
+        self.infer = state.infer
+        self.limit = state.config.max_concurrent_requests
+        self.held = 0
+
+    def __enter__(self) -> "Permits":
+        self.infer.acquire()
+        self.held = 1
+        return self
+
+    def cover(self, generations: int) -> None:
+        if generations > self.limit:
+            raise InvalidRequestError(f"This request asks for {generations} generations ('n' × prompts), more "
+                                      f"than --max-concurrent-requests ({self.limit}).", "n")
+        if generations > self.held:
+            self.infer.acquire(generations - self.held)
+            self.held = generations
+
+    def __exit__(self, *exc) -> None:
+        self.infer.release(self.held)
+
+
+class OpenAIRoutes:
+    def __init__(self) -> None:
+        self.ctx: Context | None = None
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
+        app.router.add_post("/chat_tokenize", self.chat_tokenize)
+
+    async def startup(self, app: web.Application) -> None:
+        """Runs after the AppState exists (registered after the state's own startup)."""
+        self.ctx = Context(app[STATE])
+
+    async def invocations(self, request: web.Request, body) -> web.StreamResponse | None:
+        """SageMaker `/invocations`: chat bodies (`messages`) and completion bodies (`prompt`)."""
+        if isinstance(body, dict) and "messages" in body:
+            return await self.chat_completions(request, body)
+        if isinstance(body, dict) and "prompt" in body and "inputs" not in body:
+            return await self.completions(request, body)
+        return None
+
+    # ------------------------------------------------------------------------------- chat
+
+    async def chat_completions(self, request: web.Request, body=None) -> web.StreamResponse:
+        body = await self._begin(request, body)
+        ctx = self.ctx
+        infer = ctx.state.infer
+        with Permits(ctx.state) as permits:
+            chat = parse_chat_request(body, ctx.limits)
+            model = ctx.model_name(chat.model)
+            constraint = constraint_of(chat)
+            prompt = await ctx.render(chat)
+            valid = await ctx.validate(prompt, chat.sampling, add_special_tokens=False,
+                                       top_n=chat.top_logprobs, what="messages", constraint=constraint)
+            await check_constraint(chat, constraint)
+            valids = per_choice(valid, chat.sampling.n)
+            permits.cover(len(valids))
+            shaper = ChatShaper(model, FINGERPRINT, ctx.tokens, include_usage=chat.sampling.include_usage,
+                                logprobs=chat.logprobs,
+                                tool_calls=constraint is not None and constraint.tool_call,
+                                # A grammar that shapes the whole output leaves no room for `<think>`.
+                                reasoning=ctx.reasoning and (constraint is None or constraint.free_text),
+                                inside=reasoning.starts_inside(prompt))
+            shaper.prompt_tokens = valid.input_length
+            if chat.sampling.stream:
+                first = [shaper.role_chunk(i) for i in range(len(valids))]
+                return await self._stream(request, valids, shaper, first, shaper.chunks)
+            choices = await collect(infer, valids, [0] * len(valids))
+            return web.json_response(shaper.response(choices))
+
+    # ------------------------------------------------------------------------ completions
+
+    async def completions(self, request: web.Request, body=None) -> web.StreamResponse:
+        body = await self._begin(request, body)
+        ctx = self.ctx
+        infer = ctx.state.infer
+        with Permits(ctx.state) as permits:
+            req = parse_completion_request(body, ctx.limits)
+            model = ctx.model_name(req.model)
+            sampling = req.sampling
+            score_only = sampling.max_tokens == 0  # echo + max_tokens 0: the prompt's logprobs only
+            details = req.echo and req.logprobs is not None
+            valids, prompt_indexes, texts, prompt_tokens = [], [], [], 0
+            for index, prompt in enumerate(req.prompts):
+                valid = await ctx.validate(prompt, sampling, add_special_tokens=True, top_n=req.logprobs or 0,
+                                           what="prompt", decoder_input_details=details)
+                prompt_tokens += valid.input_length
+                texts.append(valid.input_text)
+                valids += per_choice(valid, sampling.n)
+                prompt_indexes += [index] * sampling.n
+            permits.cover(len(valids))
+            shaper = CompletionShaper(model, FINGERPRINT, ctx.tokens, include_usage=sampling.include_usage,
+                                      prompts=texts, echo=req.echo, logprobs=req.logprobs,
+                                      score_only=score_only)
+            shaper.prompt_tokens = prompt_tokens
+            if sampling.stream:
+                return await self._stream(request, valids, shaper, [],
+                                          lambda i, event: shaper.chunks(i, prompt_indexes[i], event))
+            return web.json_response(shaper.response(await collect(infer, valids, prompt_indexes)))
+
+    async def _begin(self, request: web.Request, body):
+        """Every OpenAI request: errors in the OpenAI envelope (also on /invocations), the body,
+        the request counter."""
+        request[OPENAI_REQUEST] = True
+        if body is None:
+            body = await read_openai_json(request)
+        self.ctx.state.metrics.request_count.inc()
+        return body
+
+    # ----------------------------------------------------------------------------- stream
+
+    async def _stream(self, request: web.Request, valids, shaper, first: list[dict],
+                      shape) -> web.StreamResponse:
+        config = self.ctx.state.config
+        writer = await SseWriter.open(request, keep_alive_seconds=config.sse_keep_alive_seconds)
+        try:
+            for chunk in first:
+                await writer.send(chunk)
+            failed = False
+            events = writer.with_keep_alive(merge_streams(self.ctx.state.infer, valids))
+            async with aclosing(events):
+                async for index, event in events:
+                    if isinstance(event, ErrorEvent):
+                        await writer.send(event.error.to_openai())
+                        failed = True
+                        break
+                    assert isinstance(event, TokenEvent)
+                    for chunk in shape(index, event):
+                        await writer.send(chunk)
+            if shaper.include_usage and not failed:
+                await writer.send(shaper.usage_chunk())
+            await writer.send("[DONE]")
+        except ClientGone:
+            pass  # closing the merged stream above cancelled every choice
+        await writer.close()
+        return writer.response
+
+    # ---------------------------------------------------------------------- models, tokenize
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self.ctx.model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name != self.ctx.state.config.model_id:
+            raise RouterError(f"The model `{name}` does not exist.", status=404, error_type="model_not_found",
+                              param="model", code="model_not_found")
+        return web.json_response(self.ctx.model_card())
+
+    async def chat_tokenize(self, request: web.Request) -> web.Response:
+        """TGI's `/chat_tokenize`: the templated prompt and its tokens (TGI error shape)."""
+        chat = parse_chat_request(await read_json(request), self.ctx.limits)
+        prompt = await self.ctx.render(chat)
+        self.ctx.state.infer.validator.refuse_certainly_too_long(prompt)
+        tokens = await tokenize_with_offsets(self.ctx.state.tokenizer, prompt, add_special_tokens=False)
+        return web.json_response({
+            "tokenize_response": [{"id": i, "text": prompt[start:stop], "start": start, "stop": stop}
+                                  for i, start, stop in tokens],
+            "templated_text": prompt,
+        })

@@ -1,0 +1,215 @@
+"""The OpenAI routes in-process, over a scripted `Infer.stream`: stream errors, cancellation of
+every choice, admission before validation, and the error envelopes of the middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from router.app import create_app
+from router.config import RouterConfig
+from router.errors import GenerationError
+from router.events import ErrorEvent, Finish, TokenEvent, TokenInfo
+from router.infer import Infer
+from router.metrics import Metrics
+from router.state import Limits
+from router.validation import ValidationLimits, Validator
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def config(**overrides) -> RouterConfig:
+    values = dict(
+        master_shard_uds_path="/nonexistent", hostname="127.0.0.1", port=0, model_id="served/model", revision=None,
+        max_concurrent_requests=8, max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=None,
+        max_total_tokens=None, waiting_served_ratio=1.2, max_batch_prefill_tokens=None, max_batch_total_tokens=None,
+        max_waiting_tokens=20, max_batch_size=None, validation_workers=1, api_key=None, cors_allow_origin=(),
+        json_output=False, otlp_endpoint=None, otlp_service_name="x", payload_limit=100_000, max_client_batch_size=4,
+        disable_grammar_support=False, tokenizer_config_path=None, prefix_caching=True,
+    )
+    values.update(overrides)
+    return RouterConfig(**values)
+
+
+class ScriptedInfer(Infer):
+    """`stream` plays a script per call: a list of ("token", text) / ("error", message) /
+    ("hang", None) steps, or "hang" (never starts). Records which streams were closed before their end."""
+
+    def __init__(self, tokenizer, scripts, permits=8):
+        validator = Validator(tokenizer, ValidationLimits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5,
+                                                          max_input_tokens=1000, max_total_tokens=2048))
+        super().__init__(validator, tokenizer, queue=None, metrics=Metrics(1000, 2048), max_concurrent_requests=permits)
+        self.scripts = list(scripts)
+        self.cancelled: list[int] = []
+        self.started = 0
+
+    async def stream(self, valid):
+        number = self.started
+        self.started += 1
+        script = self.scripts[number % len(self.scripts)]
+        finished = False
+        try:
+            if script == "hang":
+                await asyncio.Event().wait()
+            for i, (kind, value) in enumerate(script, start=1):
+                await asyncio.sleep(0)
+                if kind == "hang":
+                    await asyncio.Event().wait()
+                if kind == "error":
+                    finished = True
+                    yield ErrorEvent(GenerationError(value))
+                    return
+                last = i == len(script)
+                finish = None
+                if last:
+                    finished = True
+                    finish = Finish("".join(v for _, v in script), "eos_token", len(script), None, (), valid.input_length,
+                                    0.0, 0.0, 0.0)
+                yield TokenEvent(i, TokenInfo(100 + i, value, -0.5, False), (), finish, value)
+        finally:
+            if not finished:
+                self.cancelled.append(number)
+
+
+class State:
+    def __init__(self, cfg, tokenizer, infer):
+        self.config, self.tokenizer, self.infer, self.metrics = cfg, tokenizer, infer, infer.metrics
+        self.limits = Limits(max_input_tokens=1000, max_total_tokens=2048, max_batch_prefill_tokens=512,
+                             max_batch_total_tokens=4096, num_blocks=256, block_size=16)
+        self.vocab_size = tokenizer.vocab_size
+
+    def start(self):
+        pass
+
+    async def stop(self):
+        pass
+
+
+def run(router_tokenizer, scripts, scenario, permits=8, **overrides):
+    async def main():
+        cfg = config(max_concurrent_requests=permits, **overrides)
+        infer = ScriptedInfer(router_tokenizer, scripts, permits)
+        client = TestClient(TestServer(create_app(cfg, State(cfg, router_tokenizer, infer))))
+        try:
+            await client.start_server()
+            return await scenario(client, infer)
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def sse(text: str) -> list:
+    return [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+
+
+def test_error_mid_stream_is_one_error_event_then_done(router_tokenizer):
+    async def scenario(client, infer):
+        response = await client.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True,
+                                                                   "stream_options": {"include_usage": True}})
+        assert response.status == 200
+        return sse(await response.text())
+
+    events = run(router_tokenizer, [[("token", "a"), ("error", "shard died")]], scenario)
+    role, token, error, done = events
+    assert json.loads(role)["choices"][0]["delta"]["role"] == "assistant"
+    assert json.loads(token)["choices"][0]["delta"]["content"] == "a"
+    assert json.loads(error) == {"error": {"message": "Request failed during generation: shard died",
+                                           "type": "server_error", "param": None, "code": "generation"}}
+    assert done == "[DONE]"  # no usage chunk after an error
+
+
+def test_one_failed_choice_cancels_the_others(router_tokenizer):
+    async def scenario(client, infer):
+        body = {"messages": MESSAGES, "n": 3}
+        response = await client.post("/v1/chat/completions", json=body)
+        return response.status, await response.json(), infer
+
+    # Choice 0 leads (the others start once it has a token and its prompt KV is shared).
+    status, body, infer = run(router_tokenizer, [[("token", "x"), ("hang", None)], [("error", "boom")], "hang"],
+                              scenario)
+    assert status == 500 and body["error"]["code"] == "generation"
+    assert sorted(infer.cancelled) == [0, 2] and infer.permits == 8  # every permit back
+
+
+def test_client_disconnect_cancels_every_choice(router_tokenizer):
+    async def scenario(client, infer):
+        response = await client.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2, "stream": True})
+        await response.content.readline()
+        response.close()
+        for _ in range(100):
+            if sorted(infer.cancelled) == [0, 1, 2, 3] and infer.permits == 8:
+                break
+            await asyncio.sleep(0.01)
+        return infer
+
+    infer = run(router_tokenizer, [[("token", "x"), ("hang", None)]], scenario)
+    assert sorted(infer.cancelled) == [0, 1, 2, 3] and infer.permits == 8
+
+
+def test_admission_before_validation_and_retry_after(router_tokenizer):
+    async def scenario(client, infer):
+        infer.permits = 0
+        response = await client.post("/v1/chat/completions", json={"messages": []})  # invalid, but 429 first
+        return response.status, response.headers.get("Retry-After"), await response.json()
+
+    status, retry_after, body = run(router_tokenizer, [[("token", "x")]], scenario)
+    assert status == 429 and retry_after == "1"
+    assert body["error"] == {"message": "Model is overloaded", "type": "rate_limit_error", "param": None,
+                             "code": "overloaded"}
+
+
+def test_too_many_generations_for_the_permits(router_tokenizer):
+    async def scenario(client, infer):
+        response = await client.post("/v1/chat/completions", json={"messages": MESSAGES, "n": 3})
+        return response.status, await response.json(), infer.permits
+
+    status, body, permits = run(router_tokenizer, [[("token", "x")]], scenario, permits=2)
+    assert status == 400 and body["error"]["param"] == "n" and "--max-concurrent-requests" in body["error"]["message"]
+    assert permits == 2
+
+
+def test_unexpected_exceptions_get_the_envelope(router_tokenizer, monkeypatch):
+    from router.openai import requests as openai_requests
+
+    def broken(*args, **kwargs):
+        raise KeyError("bug")
+
+    monkeypatch.setattr("router.openai.routes.parse_chat_request", broken)
+    assert openai_requests.parse_chat_request is not broken
+
+    async def scenario(client, infer):
+        response = await client.post("/v1/chat/completions", json={"messages": MESSAGES})
+        return response.status, await response.json(), infer.permits
+
+    status, body, permits = run(router_tokenizer, [[("token", "x")]], scenario)
+    assert status == 500 and body["error"]["type"] == "server_error" and permits == 8
+
+
+@pytest.mark.parametrize("model,status", [("served/model", 200), ("tgi", 200), (None, 200), ("other", 404)])
+def test_strict_model_name(router_tokenizer, model, status):
+    async def scenario(client, infer):
+        body = {"messages": MESSAGES} if model is None else {"model": model, "messages": MESSAGES}
+        response = await client.post("/v1/chat/completions", json=body)
+        return response.status, await response.json()
+
+    got, body = run(router_tokenizer, [[("token", "x")]], scenario, strict_model_name=True)
+    assert got == status
+    if status == 200:
+        assert body["model"] == (model or "served/model")
+    else:
+        assert body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
+
+
+def test_api_key_envelope_only_on_openai_paths(router_tokenizer):
+    async def scenario(client, infer):
+        openai = await client.get("/v1/models")
+        tgi = await client.post("/generate", json={"inputs": "x"})
+        return openai.status, await openai.json(), tgi.status, await tgi.json()
+
+    status, body, tgi_status, tgi_body = run(router_tokenizer, [[("token", "x")]], scenario, api_key="k")
+    assert status == 401 and body["error"]["type"] == "authentication_error" and body["error"]["code"] == "invalid_api_key"
+    assert tgi_status == 401 and tgi_body == {"error": "Unauthorized", "error_type": "authentication"}

@@ -1,0 +1,162 @@
+"""The batching loop against an in-process engine: continuous batching, chunking, stop strings,
+cancellation, shard failures — and no leaked KV blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from router.events import ErrorEvent
+from router.metrics import Metrics
+from router.request import Entry
+from router.scheduler.batcher import Batcher, BatchLimits
+from router.scheduler.kv import KVManager
+from router.scheduler.queue import Queue
+from tests.conftest import make_engine, save_tiny
+from tests.router.helpers import EngineClient, valid_request
+
+BS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def harness(tiny, router_tokenizer):
+    engine = make_engine(tiny, block_size=BS, num_blocks_tokens=2048)
+    client = EngineClient(engine)
+    kv = KVManager(2048 // BS + 1, BS, prefix_caching=True)
+    queue = Queue(kv, support_chunking=True)
+    limits = BatchLimits(max_batch_prefill_tokens=16, max_batch_total_tokens=2048, max_batch_size=None,
+                         waiting_served_ratio=0.3, max_waiting_tokens=20, support_chunking=True)
+    batcher = Batcher(client, queue, kv, limits, Metrics(512, 512))
+    counter = iter(range(10_000))
+
+    def submit(ids, max_new_tokens=6, **params) -> Entry:
+        entry = Entry.create(next(counter), valid_request(ids, max_new_tokens, **params), router_tokenizer)
+        queue.append(entry)
+        return entry
+
+    return batcher, client, kv, submit
+
+
+async def drain(batcher: Batcher) -> None:
+    while batcher.cached is not None or len(batcher.queue):
+        if not await batcher.step():
+            break
+
+
+def tokens(entry: Entry) -> list[int]:
+    out = []
+    while not entry.events.empty():
+        event = entry.events.get_nowait()
+        assert not isinstance(event, ErrorEvent), event
+        out.append(event.token.id)
+    return out
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    return [(seed * 31 + i * 7) % 120 + 3 for i in range(length)]
+
+
+def test_batched_equals_alone_and_blocks_return(harness):
+    batcher, client, kv, submit = harness
+    free = kv.num_free_blocks + kv.num_evictable
+    alone = {}
+    for i in range(5):
+        entry = submit(prompt(i, 5 + 3 * i))
+        asyncio.run(drain(batcher))
+        alone[i] = tokens(entry)
+    kv.clear_cache()
+    entries = [submit(prompt(i, 5 + 3 * i)) for i in range(5)]  # 5..17 tokens, 16-token budget
+    asyncio.run(drain(batcher))
+    assert {i: tokens(e) for i, e in enumerate(entries)} == alone
+    assert "prefill" in client.calls and "decode" in client.calls
+    assert not batcher.running and kv.num_free_blocks + kv.num_evictable == free
+
+
+def test_long_prompt_is_chunked(harness):
+    batcher, client, kv, submit = harness
+    entry = submit(prompt(9, 40), max_new_tokens=3)  # 40 tokens over a 16-token budget: 3 steps
+    asyncio.run(drain(batcher))
+    assert len(tokens(entry)) == 3
+    assert client.calls.count("prefill") == 1 and client.calls.count("decode") >= 4
+
+
+def test_stop_string_finishes_and_filters(harness, router_tokenizer):
+    batcher, client, kv, submit = harness
+    free_run = submit(prompt(3, 6), max_new_tokens=8)
+    asyncio.run(drain(batcher))
+    ids = tokens(free_run)
+    text = router_tokenizer.decode(ids, False)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if not stop.strip():
+        pytest.skip("generated text too short for a stop string")
+    stopped = submit(prompt(3, 6), max_new_tokens=8, stop=(stop,))
+    other = submit(prompt(4, 6), max_new_tokens=8)
+    asyncio.run(drain(batcher))
+    got = tokens(stopped)
+    assert len(got) < len(ids) and ids[: len(got)] == got
+    assert len(tokens(other)) == 8
+    assert "filter" in client.calls
+
+
+def test_cancelled_request_leaves_the_batch(harness):
+    batcher, client, kv, submit = harness
+    keep = submit(prompt(5, 6), max_new_tokens=10)
+    gone = submit(prompt(6, 6), max_new_tokens=10)
+
+    async def run():
+        await batcher.step()
+        await batcher.step()
+        gone.cancelled = True
+        await drain(batcher)
+
+    asyncio.run(run())
+    assert len(tokens(keep)) == 10
+    assert len(tokens(gone)) < 10
+    assert not batcher.running
+
+
+def test_shard_failure_fails_only_that_step_and_recovers(harness):
+    batcher, client, kv, submit = harness
+    doomed = [submit(prompt(i, 6)) for i in range(3)]
+
+    async def run():
+        await batcher.step()  # prefill ok
+        client.fail_next = "decode"
+        await batcher.step()  # decode fails: every running request gets a generation error
+
+    asyncio.run(run())
+    for entry in doomed:
+        events = []
+        while not entry.events.empty():
+            events.append(entry.events.get_nowait())
+        assert isinstance(events[-1], ErrorEvent) and events[-1].error.status == 424
+    assert not batcher.running and batcher.cached is None and not batcher.healthy
+    survivor = submit(prompt(7, 6))
+    asyncio.run(drain(batcher))
+    assert len(tokens(survivor)) == 6 and batcher.healthy
+    assert kv.num_free_blocks + kv.num_evictable == kv.num_blocks - 1
+
+
+def test_prompt_blocks_are_shared_once_prefilled(harness):
+    """A request with the same prompt arriving while the first still runs reuses its KV."""
+    batcher, client, kv, submit = harness
+    shared = prompt(11, 14)  # three full blocks of 4
+    first = submit(shared, max_new_tokens=8)
+
+    async def run():
+        await batcher.step()  # prefill: the first token, the prompt's blocks are offered to the cache
+        second = submit(shared, max_new_tokens=8)
+        await batcher.step()
+        return second
+
+    second = asyncio.run(run())
+    assert second.allocation.cache_len == 12
+    assert second.allocation.blocks[:3] == first.allocation.blocks[:3]
+    asyncio.run(drain(batcher))
+    assert tokens(second) == tokens(first)

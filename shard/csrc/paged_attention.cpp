@@ -149,9 +149,6 @@ inline void fma_row(float p, const float* value, int64_t dim, float* acc) {  // 
   for (; d < dim; ++d) acc[d] = std::fma(p, value[d], acc[d]);
 }
 
-// Rows [row_begin, row_end) of one sequence, kv heads [kv_begin, kv_end). Row r attends to
-// positions [0, lens[r - row_begin]) (ascending along the tile); q and out point at the step's
-// [T, H, D]. A tile reads each cached position once per pass for all its rows and query heads.
 // A cached row as float: fp32 rows are used in place, others converted into `buffer`.
 inline const float* as_float(const float* row, int64_t, float*) { return row; }
 template <typename T>
@@ -160,6 +157,9 @@ inline const float* as_float(const T* row, int64_t dim, float* buffer) {
   return buffer;
 }
 
+// Rows [row_begin, row_end) of one sequence, kv heads [kv_begin, kv_end). Row r attends to
+// positions [0, lens[r - row_begin]) (ascending along the tile); q and out point at the step's
+// [T, H, D]. A tile reads each cached position once per pass for all its rows and query heads.
 template <typename T>
 void attend_tile(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t row_begin,
                  int64_t row_end, const int64_t* lens, int64_t kv_begin, int64_t kv_end, float scale,

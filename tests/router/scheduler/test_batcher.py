@@ -15,6 +15,7 @@ from router.scheduler.kv import KVManager
 from router.scheduler.queue import Queue
 from tests.conftest import make_engine, save_tiny
 from tests.router.helpers import EngineClient, valid_request
+from tests.shard.helpers import BlockPool, generate, greedy_request
 
 BS = 4
 
@@ -78,12 +79,16 @@ def test_batched_equals_alone_and_blocks_return(harness):
     assert not batcher.running and kv.num_free_blocks + kv.num_evictable == free
 
 
-def test_long_prompt_is_chunked(harness):
+def test_long_prompt_is_chunked(harness, tiny):
     batcher, client, kv, submit = harness
     entry = submit(prompt(9, 40), max_new_tokens=3)  # 40 tokens over a 16-token budget: 3 steps
     asyncio.run(drain(batcher))
-    assert len(tokens(entry)) == 3
+    got = tokens(entry)
     assert client.calls.count("prefill") == 1 and client.calls.count("decode") >= 4
+    # The same tokens as the whole prompt in one prefill (greedy, a fresh engine).
+    whole = generate(make_engine(tiny, block_size=BS, num_blocks_tokens=2048),
+                     [greedy_request(1, prompt(9, 40), 3, BlockPool(BS))])[1]
+    assert got == whole
 
 
 def test_stop_string_finishes_and_filters(harness, router_tokenizer):
@@ -115,10 +120,13 @@ def test_cancelled_request_leaves_the_batch(harness):
         gone.cancelled = True
         await drain(batcher)
 
+    free = kv.num_free_blocks + kv.num_evictable
     asyncio.run(run())
     assert len(tokens(keep)) == 10
     assert len(tokens(gone)) < 10
     assert not batcher.running
+    # Both requests' blocks came back (free, or idle in the prefix cache); none is still held.
+    assert kv.num_request_blocks == 0 and kv.num_free_blocks + kv.num_evictable == free
 
 
 def test_shard_failure_fails_only_that_step_and_recovers(harness):

@@ -228,7 +228,7 @@ def test_sharded_failure_cancels_the_other_shards():
     start = time.monotonic()
     with pytest.raises(ShardError, match="rank 1 broke"):
         run(client.decode([pb.CachedBatch(id=1)]))
-    assert slow.cancelled and time.monotonic() - start < 5
+    assert slow.cancelled and time.monotonic() - start < 15  # not the slow shard's 30 s
 
 
 # -- benchmark helpers and CLI ----------------------------------------------------------------

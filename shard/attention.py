@@ -354,7 +354,7 @@ def build_metadata(
     tables for every row: the CPU kernel) or "flash" (the same varlen inputs, for flash-attn)."""
     # Both the flash and the paged layout (the CPU kernel) take every token as a row of a varlen
     # batch reading the block tables; explicit-slot probes take the padded path.
-    flash = layout == "flash" or (layout == "paged" and all(s.slots is None for s in seqs))
+    varlen = layout == "flash" or (layout == "paged" and all(s.slots is None for s in seqs))
     slot_mapping: list[int] = []
     prefills: list[PrefillSeq] = []
     decode_rows: list[int] = []
@@ -363,12 +363,12 @@ def build_metadata(
         slot_mapping += _slots_for(seq, seq.kv_len - seq.q_len, seq.kv_len, block_size)
         if seq.q_len == 1:
             decode_rows.append(index)
-        elif not flash:
+        elif not varlen:
             kv_slots = torch.tensor(_slots_for(seq, 0, seq.kv_len, block_size), dtype=torch.long)
             prefills.append(PrefillSeq(token, token + seq.q_len, kv_slots.to(device)))
         token += seq.q_len
     meta = dict(slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device), prefills=tuple(prefills))
-    if flash:
+    if varlen:
         return AttentionMetadata(
             decode_tokens=None, decode_kv_slots=None, decode_kv_mask=None, **meta, **_flash_inputs(seqs, device)
         )

@@ -18,7 +18,6 @@ ROWS = (
     ("32 concurrent, aggregate tok/s", "c32", "output_tok_s"),
     ("32 concurrent, TTFT p50 ms", "c32", "ttft_p50"),
 )
-LOWER_IS_BETTER = {"itl_p50", "ttft_p50"}
 
 
 def _load(path: Path) -> dict:

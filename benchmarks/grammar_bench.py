@@ -57,16 +57,15 @@ PROMPT = "List the people of the team as a JSON array of objects."
 
 
 def _grammars() -> list[tuple[str, int, str]]:
-    from types import SimpleNamespace
+    from router.limits import Limits
+    from router.openai.requests import parse_chat_request
 
-    from router.grammar.builder import build_constraint
+    def constraint(**fields):
+        body = {"messages": [{"role": "user", "content": PROMPT}], **fields}
+        return parse_chat_request(body, Limits(max_input_tokens=4096, max_total_tokens=8192)).constraint
 
-    def chat(**fields):
-        return SimpleNamespace(**{"response_format": None, "tools": None, "tool_choice": None, "grammar": None,
-                                  **fields})
-
-    required = build_constraint(chat(tools=TOOLS, tool_choice="required"))
-    auto = build_constraint(chat(tools=TOOLS, tool_choice="auto"))
+    required = constraint(tools=TOOLS, tool_choice="required")
+    auto = constraint(tools=TOOLS, tool_choice="auto")
     anyof = {"anyOf": [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
                                                          "arguments": t["function"]["parameters"]},
                         "required": ["name", "arguments"], "additionalProperties": False} for t in TOOLS]}

@@ -209,27 +209,27 @@ class _TimedClient:
 
 
 async def _run_router(socket_path: str, tokenizer, streams: int, tokens: int, profile: cProfile.Profile | None):
-    from router.scheduler.batcher import Batcher, BatchLimits
-    from router.scheduler.client import ShardedClient, ShardClient
-    from router.infer import Infer
-    from router.scheduler.kv import KVManager
-    from router.metrics import Metrics
-    from router.scheduler.queue import Queue
     from router.events import TokenEvent
+    from router.infer import Infer
+    from router.limits import Limits
+    from router.metrics import Metrics
     from router.routes import TgiRoutes
+    from router.scheduler.batcher import Batcher, BatchPolicy
+    from router.scheduler.client import ShardedClient, ShardClient
+    from router.scheduler.kv import KVManager
+    from router.scheduler.queue import Queue
     from router.schemas import GenerateParameters, GenerateRequest
-    from router.validation import ValidationLimits, Validator
+    from router.validation import Validator
 
     client = ShardedClient([ShardClient(socket_path)])
     kv = KVManager(streams * 1024 // 16 + 64, 16, prefix_caching=True)
     queue = Queue(kv, support_chunking=True)
     metrics = Metrics(4096, 8192)
-    limits = BatchLimits(max_batch_prefill_tokens=4096, max_batch_total_tokens=streams * 1024, max_batch_size=None,
-                         waiting_served_ratio=1.2, max_waiting_tokens=20, support_chunking=True)
+    limits = Limits(max_input_tokens=1000, max_total_tokens=2048, max_batch_prefill_tokens=4096,
+                    max_batch_total_tokens=streams * 1024)
     phases = Phases()
-    batcher = Batcher(_TimedClient(client, phases.current), queue, kv, limits, metrics)
-    validator = Validator(tokenizer, ValidationLimits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5,
-                                                      max_input_tokens=1000, max_total_tokens=2048))
+    batcher = Batcher(_TimedClient(client, phases.current), queue, kv, limits, metrics, BatchPolicy(1.2))
+    validator = Validator(tokenizer, limits)
     infer = Infer(validator, tokenizer, queue, metrics, max_concurrent_requests=streams)
 
     phases.wrap(batcher, "_chunk_updates", "schedule")
@@ -306,7 +306,8 @@ async def _run_http(socket_path: str, tokenizer, streams: int, tokens: int) -> d
 
     from router.app import create_app
     from router.scheduler.client import ShardClient, ShardedClient
-    from router.state import AppState, Limits
+    from router.limits import Limits
+    from router.state import AppState
     from tests.router.app_harness import router_config
 
     from pytgi_proto import generate_pb2 as pb

@@ -150,9 +150,8 @@ def _build_args(ctx: click.Context, params: dict) -> LauncherArgs:
         name for name in params
         if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
     )
+    # click.Choice(case_sensitive=False) already returns the choice as written there (lower case).
     values = {name: (tuple(value) if isinstance(value, list) else value) for name, value in params.items()}
-    if values.get("quantize"):
-        values["quantize"] = values["quantize"].lower()
     return LauncherArgs(**values, log_level=os.environ.get("LOG_LEVEL", "info"), explicit=explicit)
 
 

@@ -1,6 +1,8 @@
 """The command lines and environments of the launcher's children, as pure functions.
 
-`build_router_argv` is the one place that knows the router's option names; adjust it there.
+The router's option names come from router/options.py (`ROUTER_OPTIONS` below): a new router
+option needs no change here. `build_router_argv` adds only what the launcher decides itself
+(the shard socket, host and port, the model, and --max-input-tokens under either launcher name).
 """
 
 from __future__ import annotations

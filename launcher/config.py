@@ -142,7 +142,7 @@ def sagemaker_defaults(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def resolve_num_shard(sharded: bool | None, num_shard: int | None, visible_gpus: int) -> int:
-    """TGI's find_num_shards (reference §1.2); on CPU the GPU count is 0."""
+    """TGI's find_num_shards (shared/reference/tgi-reference.md §1.2); on CPU the GPU count is 0."""
     if num_shard is not None and num_shard < 1:
         raise ConfigError("`num_shard` cannot be < 1")
     if sharded is True and num_shard is None:

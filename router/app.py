@@ -23,7 +23,7 @@ from router.http.auth import ApiKeys
 from router.http.docs import PUBLIC_PATHS as DOCS_PATHS, DocsRoutes
 from router.http.drain import DRAIN, Drain
 from router.http.probes import PROBE_PATHS, ProbeRoutes
-from router.openai.routes import OPENAI_REQUEST, OpenAIRoutes
+from router.openai.routes import END_USER, OPENAI_REQUEST, OpenAIRoutes
 from router.routes import TgiRoutes
 from router.state import STATE, AppState
 from router.tracing import tracing_middleware
@@ -132,8 +132,9 @@ def request_id_middleware():
             raise
         finally:
             if not is_public(request.path):
-                log.info("%s %s %d %.0f ms", request.method, request.path, status,
-                         (time.monotonic() - start) * 1000)
+                user = f" user={request[END_USER]!r}" if END_USER in request else ""
+                log.info("%s %s %d %.0f ms%s", request.method, request.path, status,
+                         (time.monotonic() - start) * 1000, user)
             request_id.CURRENT.reset(token)
 
     return with_request_id

@@ -13,6 +13,8 @@ here (the flags: --payload-limit, --max-stop-sequences, --max-client-batch-size,
 - MAX_LOGIT_BIAS: `logit_bias` entries (OpenAI's own limit); each one is work in every step.
 - MAX_STOP_CHARS: characters of one stop sequence; every generated token is matched against all
   of them.
+- MAX_LOGGED_USER: characters of OpenAI's `user` kept for the access line (the rest is cut, so a
+  client cannot fill the log).
 Messages are bounded by the model: each one takes at least one prompt token, so a chat with more
 messages than --max-input-tokens can never fit and is refused before it is rendered.
 """
@@ -27,6 +29,7 @@ MAX_JSON_DEPTH = 64
 MAX_TOOLS = 128
 MAX_LOGIT_BIAS = 300
 MAX_STOP_CHARS = 512
+MAX_LOGGED_USER = 128
 
 # Widths of the proto fields request parameters travel in (proto/generate.proto).
 U32_MAX = 2**32 - 1

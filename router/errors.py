@@ -1,13 +1,15 @@
 """Router errors: each knows its HTTP status, TGI `error_type` and message.
 
-Native TGI routes answer `{"error": message, "error_type": error_type}` (`to_tgi`); the OpenAI
-routes (`/v1/*`) wrap the same error in OpenAI's envelope (`to_openai`). Messages follow TGI's
+Native TGI routes answer `{"error": message, "error_type": error_type}` (`to_tgi`: api_models'
+ErrorResponse); the OpenAI routes (`/v1/*`) wrap the same error in OpenAI's envelope (`to_openai`:
+router/openai/models.py's OpenAIErrorResponse). Messages follow TGI's
 `InferError` / `ValidationError` display strings (router/src/infer/mod.rs, validation.rs).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from router.api_models import ErrorResponse
+from router.openai.models import ErrorType, OpenAIError, OpenAIErrorResponse
 
 
 class RouterError(Exception):
@@ -33,8 +35,8 @@ class RouterError(Exception):
         if code is not None:
             self.code = code
 
-    def to_tgi(self) -> dict[str, Any]:
-        return {"error": self.message, "error_type": self.error_type}
+    def to_tgi(self) -> ErrorResponse:
+        return ErrorResponse(error=self.message, error_type=self.error_type)
 
     @property
     def openai_status(self) -> int:
@@ -42,21 +44,16 @@ class RouterError(Exception):
         (TGI's 424) is a server error to OpenAI clients."""
         return {422: 400, 424: 500}.get(self.status, self.status)
 
-    def to_openai(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": _openai_type(self.openai_status),
-                "param": self.param,
-                "code": self.code or self.error_type,
-            }
-        }
+    def to_openai(self) -> OpenAIErrorResponse:
+        return OpenAIErrorResponse(error=OpenAIError(
+            message=self.message, type=_openai_type(self.openai_status), param=self.param,
+            code=self.code or self.error_type))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.status}, {self.error_type!r}, {self.message!r})"
 
 
-def _openai_type(status: int) -> str:
+def _openai_type(status: int) -> ErrorType:
     # OpenAI's `type` names the error family; `code` carries TGI's finer error_type.
     if status == 401:
         return "authentication_error"
@@ -79,9 +76,10 @@ class ValidationError(RouterError):
     status = 422
     error_type = "validation"
 
-    def __init__(self, message: str, *, prefix: bool = True) -> None:
+    def __init__(self, message: str, *, prefix: bool = True, param: str | None = None) -> None:
         self.reason = message  # the bare rule text, without the prefix
-        super().__init__(f"Input validation error: {message}" if prefix else message)
+        # `param`: the field the rule is about, for the OpenAI routes' 400 (TGI's body has no such key)
+        super().__init__(f"Input validation error: {message}" if prefix else message, param=param)
 
 
 class InvalidRequestError(RouterError):
@@ -127,7 +125,6 @@ class GenerationError(RouterError):
     error_type = "generation"
 
     def __init__(self, message: str, detail: str | None = None) -> None:
-        self.reason = message
         self.detail = detail
         super().__init__(f"Request failed during generation: {message}")
 
@@ -137,16 +134,6 @@ class IncompleteGenerationError(RouterError):
     error_type = "incomplete_generation"
 
     def __init__(self, message: str = "Incomplete generation") -> None:
-        super().__init__(message)
-
-
-class IncompleteGenerationStreamError(RouterError):
-    """A stream ended without a final token (TGI's `incomplete_generation_stream`)."""
-
-    status = 500
-    error_type = "incomplete_generation_stream"
-
-    def __init__(self, message: str = "Incomplete generation stream") -> None:
         super().__init__(message)
 
 
@@ -163,7 +150,6 @@ class TemplateError(RouterError):
     error_type = "template_error"
 
     def __init__(self, message: str) -> None:
-        self.reason = message
         super().__init__(f"Template error: {message}")
 
 

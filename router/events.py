@@ -23,7 +23,9 @@ class TokenInfo:
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    generated_text: str  # skip_special_tokens decode of all generated ids (+ prompt if full text)
+    # TGI: the full decode (stop text kept, special tokens skipped); OpenAI: the streamed text.
+    # The prompt comes first with return_full_text (router/request.py `Entry._finish`).
+    generated_text: str
     finish_reason: str  # "length" | "eos_token" | "stop_sequence"
     generated_tokens: int
     seed: int | None

@@ -28,7 +28,6 @@ class Generated:
     tokens: tuple[TokenEvent, ...]
     finish: Finish
     validated_at: float
-    started_at: float
 
     @property
     def mean_logprob(self) -> float:
@@ -140,7 +139,7 @@ class Infer:
                 raise event.error
             tokens.append(event)
             if event.finish is not None:
-                return Generated(valid, tuple(tokens), event.finish, start, event.finish.batched_at)
+                return Generated(valid, tuple(tokens), event.finish, start)
         raise IncompleteGenerationError()
 
     async def generate_best_of(self, valid: ValidRequest) -> tuple[Generated, list[Generated]]:

@@ -31,8 +31,7 @@ if TYPE_CHECKING:
 
 DURATION_BUCKETS = tuple(0.00015 * 1.5**i for i in range(35))
 # TGI's `err` labels for error types whose JSON `error_type` is longer.
-FAILURE_LABELS = {"incomplete_generation": "incomplete", "incomplete_generation_stream": "incomplete",
-                  "template_error": "template"}
+FAILURE_LABELS = {"incomplete_generation": "incomplete", "template_error": "template"}
 
 
 def _linear(maximum: int, count: int = 100) -> tuple[float, ...]:

@@ -1,4 +1,5 @@
-"""TGI's native routes. Handlers are thin: parse → Infer → shape the response."""
+"""TGI's native routes. Handlers are thin: parse → Infer → shape the response (the typed bodies
+of router/api_models.py, which the OpenAPI document is generated from)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ import time
 from aiohttp import web
 
 from router import bounds
+from router.api_models import (
+    BestOfSequence,
+    Details,
+    ErrorResponse,
+    GenerateResponse,
+    PrefillToken,
+    SimpleToken,
+    StreamDetails,
+    StreamResponse,
+    Token,
+)
 from router.errors import UnhealthyError, ValidationError
 from router.events import ErrorEvent, Finish, TokenEvent, TokenInfo
 from router.http.sse import ClientGone, SseWriter
@@ -18,25 +30,38 @@ from router.state import STATE, AppState
 COMPUTE_TYPE = "cpu+optimized"
 
 
-def token_json(token: TokenInfo, with_special: bool = True) -> dict:
-    out = {"id": token.id, "text": token.text, "logprob": token.logprob}
-    if with_special:
-        out["special"] = token.special
-    return out
+def token_json(token: TokenInfo) -> Token:
+    return Token(id=token.id, text=token.text, logprob=token.logprob, special=token.special)
 
 
-def details_json(generated: Generated) -> dict:
+def prefill_token_json(token: TokenInfo) -> PrefillToken:
+    return PrefillToken(id=token.id, text=token.text, logprob=token.logprob)
+
+
+def details_json(generated: Generated) -> Details:
     finish = generated.finish
-    details = {
-        "finish_reason": finish.finish_reason,
-        "generated_tokens": finish.generated_tokens,
-        "seed": finish.seed,
-        "prefill": [token_json(t, with_special=False) for t in finish.prefill],
-        "tokens": [token_json(t.token) for t in generated.tokens],
-    }
+    details = Details(
+        finish_reason=finish.finish_reason, generated_tokens=finish.generated_tokens, seed=finish.seed,
+        prefill=[prefill_token_json(t) for t in finish.prefill],
+        tokens=[token_json(t.token) for t in generated.tokens],
+    )
     if any(t.top_tokens for t in generated.tokens):
         details["top_tokens"] = [[token_json(x) for x in t.top_tokens] for t in generated.tokens]
     return details
+
+
+def best_of_json(generated: Generated) -> BestOfSequence:
+    return BestOfSequence(generated_text=generated.finish.generated_text, **details_json(generated))
+
+
+def generate_json(best: Generated, others: list[Generated], details: bool) -> GenerateResponse:
+    """The body of /generate (one element of /'s list); `details`: details or decoder_input_details."""
+    body = GenerateResponse(generated_text=best.finish.generated_text)
+    if details:
+        body["details"] = details_json(best)
+        if others:
+            body["details"]["best_of_sequences"] = [best_of_json(g) for g in others]
+    return body
 
 
 def timing_headers(generated: Generated, start: float) -> dict[str, str]:
@@ -144,14 +169,8 @@ class TgiRoutes:
                 best, others = await infer.generate(valid), []
         finally:
             infer.release(permits)
-        payload = {"generated_text": best.finish.generated_text}
         params = valid.parameters
-        if params.details or params.decoder_input_details:
-            payload["details"] = details_json(best)
-            if others:
-                payload["details"]["best_of_sequences"] = [
-                    {"generated_text": g.finish.generated_text, **details_json(g)} for g in others
-                ]
+        payload = generate_json(best, others, params.details)  # decoder_input_details implies details
         return web.json_response([payload] if compat else payload, headers=timing_headers(best, start))
 
     async def _stream(self, request: web.Request, body) -> web.StreamResponse:
@@ -181,19 +200,19 @@ class TgiRoutes:
             infer.release()
 
     @staticmethod
-    def _stream_event(event, details: bool) -> dict:
+    def _stream_event(event, details: bool) -> StreamResponse | ErrorResponse:
         if isinstance(event, ErrorEvent):
             return event.error.to_tgi()
         assert isinstance(event, TokenEvent)
-        out = {"index": event.index, "token": token_json(event.token)}
+        finish: Finish | None = event.finish
+        last = None
+        if finish and details:
+            last = StreamDetails(finish_reason=finish.finish_reason, generated_tokens=finish.generated_tokens,
+                                 seed=finish.seed, input_length=finish.input_length)
+        out = StreamResponse(index=event.index, token=token_json(event.token),
+                             generated_text=finish.generated_text if finish else None, details=last)
         if event.top_tokens:
             out["top_tokens"] = [token_json(t) for t in event.top_tokens]
-        finish: Finish | None = event.finish
-        out["generated_text"] = finish.generated_text if finish else None
-        out["details"] = None
-        if finish and details:
-            out["details"] = {"finish_reason": finish.finish_reason, "generated_tokens": finish.generated_tokens,
-                              "seed": finish.seed, "input_length": finish.input_length}
         return out
 
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -202,7 +221,7 @@ class TgiRoutes:
         state.infer.validator.refuse_certainly_too_long(body.inputs)
         tokens = await tokenize_with_offsets(state.tokenizer, body.inputs)
         return web.json_response([
-            {"id": token_id, "text": body.inputs[start:stop], "start": start, "stop": stop}
+            SimpleToken(id=token_id, text=body.inputs[start:stop], start=start, stop=stop)
             for token_id, start, stop in tokens
         ])
 

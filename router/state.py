@@ -4,43 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 from pytgi_proto import generate_pb2 as pb
+from router.api_models import Info
 from router.config import RouterConfig
 from router.grammar import validator as grammars
 from router.infer import Infer
+from router.limits import Limits
 from router.metrics import Metrics
-from router.scheduler.batcher import Batcher, BatchLimits
+from router.scheduler.batcher import Batcher, BatchPolicy
 from router.scheduler.client import ShardedClient, ShardError
 from router.scheduler.kv import KVManager
 from router.scheduler.queue import Queue
 from router.tokenizer import Tokenizer
 from router.tracing import Tracer, tracer_for
-from router.validation import ValidationLimits, Validator
+from router.validation import Validator
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 PROBE_ID = 2**64 - 1
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_input_tokens: int
-    max_total_tokens: int
-    max_batch_prefill_tokens: int
-    max_batch_total_tokens: int
-    num_blocks: int
-    block_size: int
-
-
 def resolve_prefill_tokens(config: RouterConfig, device_type: str) -> int:
     if config.max_batch_prefill_tokens is not None:
         return config.max_batch_prefill_tokens
     return 4096 if device_type == "cuda" else 512
+
+
+def usable_vocab_size(tokenizer: Tokenizer, info: pb.InfoResponse) -> int:
+    """Token ids a request may name (prompt ids, logit_bias keys): those both the tokenizer and
+    the model know. An id past the model's embedding or logits would fail a shared step."""
+    return min(tokenizer.vocab_size, info.vocab_size) if info.vocab_size else tokenizer.vocab_size
 
 
 def warmup_request(tokenizer: Tokenizer, prefill_tokens: int, max_input_tokens: int, max_batch_size: int | None,
@@ -100,6 +97,10 @@ class AppState:
             max_input_tokens=warm.max_input_tokens, max_total_tokens=warm.max_total_tokens,
             max_batch_prefill_tokens=prefill_tokens, max_batch_total_tokens=warm.max_supported_total_tokens,
             num_blocks=warm.num_blocks, block_size=warm.block_size,
+            max_best_of=config.max_best_of, max_stop_sequences=config.max_stop_sequences,
+            max_top_n_tokens=config.max_top_n_tokens, max_client_batch_size=config.max_client_batch_size,
+            max_concurrent_requests=config.max_concurrent_requests, max_batch_size=config.max_batch_size,
+            vocab_size=usable_vocab_size(tokenizer, info),
         )
         if info.max_position_embeddings and limits.max_total_tokens > info.max_position_embeddings:
             # Positions past the model's would index past its rotary / position tables inside a
@@ -119,32 +120,18 @@ class AppState:
         kv = KVManager(limits.num_blocks, limits.block_size, config.prefix_caching and info.use_prefix_caching)
         queue = Queue(kv, info.support_chunking)
         metrics.watch(kv, queue.__len__)
-        batcher = Batcher(client, queue, kv, BatchLimits(
-            max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
-            max_batch_total_tokens=limits.max_batch_total_tokens, max_batch_size=config.max_batch_size,
+        batcher = Batcher(client, queue, kv, limits, metrics, BatchPolicy(
             waiting_served_ratio=config.waiting_served_ratio, max_waiting_tokens=config.max_waiting_tokens,
             support_chunking=info.support_chunking,
-        ), metrics)
+        ))
         # Shards that cannot enforce a grammar make the router reject grammars, not drop them.
         no_grammar = config.disable_grammar_support or not info.supports_grammar
         # The shards compile each grammar before its request is queued, never in a step.
         grammar_validator = grammars.GrammarValidator(tokenizer, disabled=no_grammar, shards=client)
-        validator = Validator(tokenizer, ValidationLimits(
-            max_best_of=config.max_best_of, max_stop_sequences=config.max_stop_sequences,
-            max_top_n_tokens=config.max_top_n_tokens, max_input_tokens=limits.max_input_tokens,
-            max_total_tokens=limits.max_total_tokens, disable_grammar_support=no_grammar,
-        ), grammar_validator)
-        grammars.set_default(validator.grammar)  # what grammars.constraint_for (OpenAI routes) uses
+        validator = Validator(tokenizer, limits, grammar_validator)
         infer = Infer(validator, tokenizer, queue, metrics, config.max_concurrent_requests,
                       request_timeout=config.request_timeout, tracer=tracer)
         return cls(config, client, info, tokenizer, limits, metrics, batcher, infer)
-
-    @property
-    def vocab_size(self) -> int:
-        """Token ids a request may name (prompt ids, logit_bias keys): those both the tokenizer
-        and the model know. An id past the model's embedding or logits would fail a shared step."""
-        model = self.shard_info.vocab_size
-        return min(self.tokenizer.vocab_size, model) if model else self.tokenizer.vocab_size
 
     @property
     def tracer(self) -> Tracer | None:
@@ -158,6 +145,7 @@ class AppState:
             self.batcher_task.cancel()
             await asyncio.gather(self.batcher_task, return_exceptions=True)
         self.infer.validator.grammar.close()  # its compile process ends with the router
+        self.tokenizer.close()
         await self.client.close()
         if self.tracer is not None:
             await self.tracer.shutdown()
@@ -178,21 +166,21 @@ class AppState:
             return False
         return True
 
-    def info_json(self) -> dict:
+    def info_json(self) -> Info:
         config, limits, info = self.config, self.limits, self.shard_info
-        return {
-            "model_id": config.model_id, "model_sha": None, "model_pipeline_tag": "text-generation",
-            "model_dtype": info.dtype, "model_device_type": info.device_type,
-            "max_concurrent_requests": config.max_concurrent_requests, "max_best_of": config.max_best_of,
-            "max_stop_sequences": config.max_stop_sequences, "max_input_tokens": limits.max_input_tokens,
-            "max_total_tokens": limits.max_total_tokens, "max_batch_total_tokens": limits.max_batch_total_tokens,
-            "max_batch_prefill_tokens": limits.max_batch_prefill_tokens,
-            "max_batch_size": config.max_batch_size, "validation_workers": config.validation_workers,
-            "max_client_batch_size": config.max_client_batch_size, "router": "text-generation-router",
-            "version": VERSION, "sha": None, "docker_label": None, "block_size": limits.block_size,
-            "prefix_caching": config.prefix_caching and info.use_prefix_caching,
-            "attention_impl": info.attention_impl, "model_impl": info.model_impl, "num_shard": info.world_size,
-        }
+        return Info(
+            model_id=config.model_id, model_sha=None, model_pipeline_tag="text-generation",
+            model_dtype=info.dtype, model_device_type=info.device_type,
+            max_concurrent_requests=limits.max_concurrent_requests, max_best_of=limits.max_best_of,
+            max_stop_sequences=limits.max_stop_sequences, max_input_tokens=limits.max_input_tokens,
+            max_total_tokens=limits.max_total_tokens, max_batch_total_tokens=limits.max_batch_total_tokens,
+            max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
+            max_batch_size=limits.max_batch_size, validation_workers=config.validation_workers,
+            max_client_batch_size=limits.max_client_batch_size, router="text-generation-router",
+            version=VERSION, sha=None, docker_label=None, block_size=limits.block_size,
+            prefix_caching=config.prefix_caching and info.use_prefix_caching,
+            attention_impl=info.attention_impl, model_impl=info.model_impl, num_shard=info.world_size,
+        )
 
 
 STATE = web.AppKey("state", AppState)

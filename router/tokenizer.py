@@ -98,7 +98,6 @@ class Tokenizer:
             pairs = (("bos_token", bos_token), ("eos_token", eos_token))
             self.special_tokens_map.update({k: v for k, v in pairs if v is not None})
         self.chat_templates = dict(chat_templates or {})
-        self.bos_token_id = backend.token_to_id(bos_token) if bos_token else None
         self.eos_token_id = backend.token_to_id(eos_token) if eos_token else None
         ids = (backend.token_to_id(token) for token in special_tokens)
         self.special_ids: frozenset[int] = frozenset(i for i in ids if i is not None)

@@ -17,15 +17,15 @@ stream checks of `server.rs::generate_stream_internal`:
 Deliberate differences from TGI (the messages of rejected values stay TGI's, word for word,
 because clients and tests compare them):
 - `temperature == 0` is accepted and means greedy (OpenAI convention; TGI rejects it), and so
-  does any temperature below MIN_TEMPERATURE (TGI's shards would divide into NaN). The
-  resolved parameters are then do_sample=False with every warper neutral, so no shard can sample.
+  does any temperature below pytgi_common.sampling.MIN_TEMPERATURE (TGI's shards would divide
+  into NaN). The resolved parameters are then do_sample=False with every warper neutral.
 - `top_p == 1.0` is accepted and means "off" (OpenAI clients send it; TGI rejects it).
 - `presence_penalty` ∈ [-2, 2] and `min_p` ∈ [0, 1] are extra knobs TGI's /generate lacks.
 - `best_of == 0` is rejected with TGI's BestOf message; TGI itself lets 0 through as 1.
 - `max_new_tokens` absent ⇒ `max_total_tokens - input_length` in one go. TGI schedules that in
   segments of 1024 tokens and checks `input + min(that, 1024)`; without segments the two are the
   same check because the absent value always fits exactly.
-- `grammar` is compile-checked here (router/grammar/builder.py: size and repetition limits, a real
+- `grammar` is compile-checked here (router/grammar/validator.py: size and repetition limits, a real
   compile off the event loop within a timeout, cached by hash) and enforced by the shards; with
   `--disable-grammar-support` (or shards without grammar support) it is rejected, "grammar is
   not supported", never silently ignored. A `json` schema need not have `properties` (TGI
@@ -34,37 +34,23 @@ because clients and tests compare them):
 - Stop sequences are matched on the generated text (router side), not token ids; each is at most
   MAX_STOP_CHARS characters long (router/bounds.py): every token is matched against all of them.
 
-`ValidParameters.do_sample` is the *effective* choice (TGI's shard rule: `do_sample` or any
-active warper; ours adds temperature 0 ⇒ greedy), so the router knows whether to report a seed.
+`ValidParameters.do_sample` is the *effective* choice (pytgi_common/sampling.py `is_greedy`, the
+rule the shards apply too), so the router knows whether to report a seed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pytgi_common.grammar import GrammarError
+from pytgi_common.sampling import argmax_temperature, is_greedy
 from router import bounds
 from router.errors import ContextLengthError, ValidationError
-from router.grammar.builder import GrammarError, native_grammar
+from router.grammar.native import native_grammar
 from router.grammar.validator import GrammarNotSupported, GrammarValidator
+from router.limits import Limits
 from router.schemas import GenerateParameters, GenerateRequest
 from router.tokenizer import Tokenizer
-
-
-MIN_TEMPERATURE = 1e-5
-
-
-@dataclass(frozen=True, slots=True)
-class ValidationLimits:
-    max_best_of: int
-    max_stop_sequences: int
-    max_top_n_tokens: int
-    max_input_tokens: int
-    max_total_tokens: int
-    disable_grammar_support: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_input_tokens >= self.max_total_tokens:
-            raise ValueError("`max_input_tokens` must be < `max_total_tokens`")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +78,7 @@ class ValidParameters:
     ignore_eos: bool = False
     include_stop: bool = True  # TGI keeps the stop text in the output; OpenAI strips it
     skip_special_tokens: bool = False  # per-token text: TGI shows "<|im_end|>"; OpenAI content doesn't
-    # Constrained decoding (router/grammar/builder.py): pb.GrammarType and its text; 0 / "" = none.
+    # Constrained decoding (router/grammar/native.py, router/openai/constraints.py): pb.GrammarType and its text; 0 / "" = none.
     grammar_type: int = 0
     grammar: str = ""
 
@@ -106,17 +92,16 @@ class ValidRequest:
     parameters: ValidParameters
 
 
-def _check(ok: bool, message: str) -> None:
+def _check(ok: bool, message: str, param: str | None = None) -> None:
     if not ok:
-        raise ValidationError(message)
+        raise ValidationError(message, param=param)
 
 
 class Validator:
-    def __init__(self, tokenizer: Tokenizer, limits: ValidationLimits,
-                 grammar: GrammarValidator | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, limits: Limits, grammar: GrammarValidator | None = None) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
-        self.grammar = grammar or GrammarValidator(tokenizer, disabled=limits.disable_grammar_support)
+        self.grammar = grammar or GrammarValidator(tokenizer)
 
     def refuse_certainly_too_long(self, inputs: str, max_new_tokens: int | None = None) -> None:
         """Refuse without tokenizing an input that cannot fit whatever its exact token count:
@@ -146,9 +131,8 @@ class Validator:
             _check(0 < best_of <= limits.max_best_of,
                    f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}")
 
-        # Below MIN_TEMPERATURE the scaled logits overflow a float and the softmax is NaN; the
-        # limit of ever smaller temperatures is argmax, so that is what they mean (vLLM: the same).
-        greedy_by_temperature = p.temperature is not None and 0.0 <= p.temperature < MIN_TEMPERATURE
+        # A vanishing temperature means argmax (pytgi_common/sampling.py), whatever else is set.
+        greedy_by_temperature = p.temperature is not None and argmax_temperature(p.temperature)
         # TGI's rule: sampling was asked for if do_sample or any warper field is present.
         sampling_requested = not greedy_by_temperature and (
             p.do_sample or p.temperature is not None or p.top_k is not None or p.top_p is not None
@@ -184,10 +168,10 @@ class Validator:
 
         stop = tuple(p.stop)
         _check(len(stop) <= limits.max_stop_sequences,
-               f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}")
+               f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}", "stop")
         longest = max(map(len, stop), default=0)
         _check(longest <= bounds.MAX_STOP_CHARS,
-               f"a stop sequence must be at most {bounds.MAX_STOP_CHARS} characters long. Given: {longest}")
+               f"a stop sequence must be at most {bounds.MAX_STOP_CHARS} characters long. Given: {longest}", "stop")
 
         _check(p.seed is None or best_of <= 1, "`seed` must not be set when `best_of` > 1")
 
@@ -238,12 +222,10 @@ class Validator:
             except GrammarError as error:
                 raise ValidationError(f"grammar is not valid: {error.message}") from error
 
-        if greedy_by_temperature:
+        do_sample = not is_greedy(do_sample=p.do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  typical_p=typical_p, min_p=min_p)
+        if greedy_by_temperature:  # the warpers are off: no shard can sample this request
             temperature, top_k, top_p, typical_p, min_p = 1.0, 0, 1.0, 1.0, 0.0
-            do_sample = False
-        else:
-            has_warper = temperature != 1.0 or top_k > 0 or top_p < 1.0 or typical_p < 1.0 or min_p > 0.0
-            do_sample = p.do_sample or has_warper
 
         parameters = ValidParameters(
             temperature=temperature, top_k=top_k, top_p=top_p, typical_p=typical_p, min_p=min_p,

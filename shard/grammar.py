@@ -29,18 +29,15 @@ Flow per request (`NextTokenChooserParameters.grammar` / `grammar_type`):
   which is the model-side "natural end" (OpenAI `stop`, TGI `eos_token`), not a user stop string.
 
 Batches without any constrained row never call into this module (the sampler's fast paths are
-unchanged). The compile options live in `JSON_SCHEMA_OPTIONS` / `compile_grammar`; the router's
-validation (router/grammar/builder.py) mirrors them, and a test keeps the two equal.
+unchanged). How a grammar is compiled and keyed (options, error messages, the cache key) is
+pytgi_common/grammar.py, which the router's compile check (router/grammar/worker.py) uses too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib.util
-import json
 import logging
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -50,24 +47,12 @@ from pathlib import Path
 
 import torch
 
-from pytgi_proto import generate_pb2 as pb
+from pytgi_common.grammar import GrammarError, compile_grammar, grammar_key, tokenizer_info
 
 log = logging.getLogger(__name__)
 
-# xgrammar's compile_json_schema options. any_whitespace=False: JSON comes out as json.dumps
-# writes it ({"a": 1, "b": [1, 2]}), so a small model cannot loop on whitespace.
-JSON_SCHEMA_OPTIONS = {"any_whitespace": False, "strict_mode": True}
-GRAMMAR_TYPES = {pb.GRAMMAR_TYPE_JSON: "json", pb.GRAMMAR_TYPE_REGEX: "regex",
-                 pb.GRAMMAR_TYPE_STRUCTURAL_TAG: "structural_tag"}
 CACHE_SIZE = 64  # unpinned compiled grammars kept
 REJECTED_SIZE = 1024  # grammars remembered as refused
-
-# xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: ".
-_CPP_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
-
-
-class GrammarError(ValueError):
-    """The grammar cannot be compiled (a client error: INVALID_ARGUMENT)."""
 
 
 class GrammarTimeout(GrammarError):
@@ -83,42 +68,6 @@ class GrammarBusy(RuntimeError):
 
 def available() -> bool:
     return importlib.util.find_spec("xgrammar") is not None
-
-
-def clean_error(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return _CPP_PREFIX.sub("", text).strip()
-
-
-def compile_grammar(compiler, grammar_type: int, text: str):
-    """Compile `text` as `grammar_type` with xgrammar's `compiler`; GrammarError if it cannot."""
-    if grammar_type not in GRAMMAR_TYPES:
-        raise GrammarError(f"unknown grammar type {grammar_type}")
-    if not text:
-        raise GrammarError("empty grammar")
-    try:
-        if grammar_type == pb.GRAMMAR_TYPE_JSON:
-            json.loads(text)  # a clear message for text that is not JSON at all
-            return compiler.compile_json_schema(text, **JSON_SCHEMA_OPTIONS)
-        if grammar_type == pb.GRAMMAR_TYPE_REGEX:
-            return compiler.compile_regex(text)
-        return compiler.compile_structural_tag(text)
-    except json.JSONDecodeError as error:
-        raise GrammarError(f"JSON schema is not valid JSON: {error}") from error
-    except Exception as error:  # xgrammar raises RuntimeError / pydantic / its own errors
-        raise GrammarError(clean_error(error)) from error
-
-
-def tokenizer_info(tokenizer, vocab_size: int | None, stop_ids: Iterable[int]):
-    import xgrammar as xgr
-
-    stops = sorted(set(stop_ids))
-    return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stops or None)
-
-
-def grammar_key(grammar_type: int, text: str) -> tuple[int, bytes]:
-    """What compiled grammars are cached by (the router's router.grammar.builder.grammar_key too)."""
-    return grammar_type, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 @dataclass(eq=False, slots=True)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pytgi_common.sampling import is_greedy as greedy_rule
 from shard.watermark import Watermark
 
 if TYPE_CHECKING:
@@ -82,22 +83,11 @@ class SamplingParams:
     top_n_tokens: int = 0  # top alternatives to report, from the raw distribution
 
     @property
-    def has_warper(self) -> bool:
-        return (
-            (self.temperature != 1.0 and self.temperature != 0.0)
-            or self.top_k > 0
-            or self.top_p < 1.0
-            or self.typical_p < 1.0
-            or self.min_p > 0.0
-        )
-
-    @property
     def is_greedy(self) -> bool:
-        # Temperature 0 means argmax whatever else is set; otherwise any warper forces
-        # sampling, as in TGI.
-        if self.temperature == 0.0:
-            return True
-        return not (self.do_sample or self.has_warper)
+        # The router's rule too (pytgi_common/sampling.py): a vanishing temperature is argmax
+        # whatever else is set; otherwise do_sample or any warper samples, as in TGI.
+        return greedy_rule(do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
+                           top_p=self.top_p, typical_p=self.typical_p, min_p=self.min_p)
 
 
 @dataclass(frozen=True, slots=True)

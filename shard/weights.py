@@ -11,7 +11,6 @@ else still comes from the dequantized safetensors copy of the same file.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -49,9 +48,6 @@ class Weights:
         if not quantized or self.gguf is None:
             return None
         return self.gguf.get(name)
-
-    def names(self) -> list[str]:
-        return list(self._routing)
 
     def has(self, name: str) -> bool:
         return name in self._routing
@@ -114,6 +110,3 @@ class Weights:
         index[dim] = slice(head * head_dim, (head + 1) * head_dim)
         return self._finish(part[tuple(index)])
 
-
-def load_config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())

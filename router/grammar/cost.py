@@ -14,7 +14,7 @@ repeat written out:
 - a `$ref` counts what it points to, where it is used (a recursive one counts 1, like a loop);
 - regexes anywhere in a schema count too: `pattern`, the keys of `patternProperties`, and
   `propertyNames`, whose keys repeat with the object's `maxProperties`.
-The caller compares the estimate with one limit (router.grammar.builder.MAX_GRAMMAR_COST).
+The caller compares the estimate with one limit (router.grammar.validator.MAX_GRAMMAR_COST).
 
 Regexes are parsed with Python's own parser (`re._parser`) where it accepts them. xgrammar's
 dialect is close to ECMAScript, and what Python refuses (`\\p{L}`, `(?<name>...)`, repeat counts

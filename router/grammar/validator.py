@@ -1,5 +1,6 @@
 """Grammars are checked before their request is queued: their cost bounded, then compiled (the
-grammars themselves are built from requests in router/grammar/builder.py).
+grammars themselves come from requests: TGI's in router/grammar/native.py, OpenAI's in
+router/openai/constraints.py).
 
 The shards enforce the grammar (shard/grammar.py, xgrammar). The router's job is to make sure
 that a grammar's cost is bounded before its request is queued, and that no shard compiles while
@@ -27,7 +28,6 @@ grammar stays rejected and an accepted one is checked in microseconds.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import weakref
@@ -35,9 +35,10 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from pytgi_common.grammar import GrammarError, grammar_key
 from router.errors import OverloadedError
-from router.grammar.builder import JSON, REGEX, STRUCTURAL_TAG, Constraint, GrammarError, build_constraint
 from router.grammar.cost import Estimate, regex_cost, schema_estimate, structural_tag_estimate
+from router.grammar.native import JSON, REGEX, STRUCTURAL_TAG
 from router.grammar.pins import ShardGrammars
 from router.grammar.worker import CompileQueue, CompileWorker, QueueFull, WorkerError
 from router.scheduler.client import ShardedClient
@@ -67,11 +68,6 @@ class GrammarNotSupported(GrammarError):
 
 
 # ---------------------------------------------------------------------------------- limits
-
-
-def grammar_key(grammar_type: int, text: str) -> tuple[int, bytes]:
-    """What grammars are cached by, here and on the shards (shard.grammar.grammar_key)."""
-    return grammar_type, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def check_limits(grammar_type: int, text: str) -> None:
@@ -265,44 +261,3 @@ async def _done(future: Future) -> None:
 def _set_done(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-# ----------------------------------------------------------------------- OpenAI constraints
-
-_default: GrammarValidator | None = None
-
-
-def set_default(validator: GrammarValidator | None) -> None:
-    """The validator `constraint_for` uses when none is passed (the app's, set by Validator)."""
-    global _default
-    _default = validator
-
-
-def get_default() -> GrammarValidator | None:
-    return _default
-
-
-async def constraint_for(request, validator: GrammarValidator | None = None) -> Constraint | None:
-    """The constraint an OpenAI chat request asks for (None: unconstrained), compile-checked.
-
-    `request` is duck-typed: `.response_format` (dict | None), `.tools` (list | None),
-    `.tool_choice` (str | dict | None), `.grammar` (dict | None) and optionally
-    `.parallel_tool_calls` (bool | None). Raises GrammarError with `param` set.
-    """
-    constraint = build_constraint(request)
-    if constraint is not None:
-        await check_constraint(request, constraint, validator)
-    return constraint
-
-
-async def check_constraint(request, constraint: Constraint, validator: GrammarValidator | None = None) -> None:
-    """The compile check of `build_constraint(request)`'s result (GrammarError with `param`)."""
-    validator = validator if validator is not None else _default
-    if validator is not None:
-        param = "tools" if constraint.tool_call else _content_param(request)
-        await validator.check(constraint.grammar_type, constraint.grammar, param)
-
-
-def _content_param(request) -> str:
-    return "grammar" if getattr(request, "grammar", None) is not None else "response_format"
-

@@ -21,27 +21,22 @@ with the router) dies.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
-from pytgi_proto import generate_pb2 as pb
+from pytgi_common.grammar import GrammarError, compile_grammar, tokenizer_info
 
 log = logging.getLogger(__name__)
 
-# Must equal shard.grammar.JSON_SCHEMA_OPTIONS (a test checks): the router predicts the shard.
-JSON_SCHEMA_OPTIONS = {"any_whitespace": False, "strict_mode": True}
 # Starting a child and building the compiler (not counted in a compile's deadline).
 INIT_TIMEOUT_S = 300.0
 # Modules the fork server imports once for every child it forks.
 _PRELOAD = ["xgrammar", "transformers"]
-_CPP_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
 
 
 class WorkerError(RuntimeError):
@@ -52,33 +47,12 @@ class QueueFull(RuntimeError):
     """More compiles are waiting than the queue holds."""
 
 
-def clean_error(error: BaseException) -> str:
-    """xgrammar's message without the "[hh:mm:ss] /path/file.cc:123: " of its C++ errors."""
-    text = str(error).strip() or type(error).__name__
-    return _CPP_PREFIX.sub("", text).strip()
-
-
-def compile_with(compiler, grammar_type: int, text: str):
-    """The shard's compile call (shard.grammar.compile_grammar), with the same options."""
-    if grammar_type == pb.GRAMMAR_TYPE_JSON:
-        return compiler.compile_json_schema(text, **JSON_SCHEMA_OPTIONS)
-    if grammar_type == pb.GRAMMAR_TYPE_REGEX:
-        return compiler.compile_regex(text)
-    if grammar_type == pb.GRAMMAR_TYPE_STRUCTURAL_TAG:
-        return compiler.compile_structural_tag(text)
-    raise ValueError(f"unknown grammar type {grammar_type}")
-
-
 def compile_message(compiler, grammar_type: int, text: str) -> str | None:
-    """None when `text` compiles, else why not."""
+    """None when `text` compiles as the shards will compile it, else why not."""
     try:
-        if grammar_type == pb.GRAMMAR_TYPE_JSON:
-            json.loads(text)
-        compile_with(compiler, grammar_type, text)
-    except json.JSONDecodeError as error:
-        return f"the JSON schema is not valid JSON: {error}"
-    except Exception as error:  # xgrammar: RuntimeError, pydantic's and its own errors
-        return clean_error(error)
+        compile_grammar(compiler, grammar_type, text)
+    except GrammarError as error:
+        return error.message
     return None
 
 
@@ -111,7 +85,7 @@ def _build_compiler(tokenizer_json: str, stop_ids: Sequence[int]):
     from transformers import PreTrainedTokenizerFast
 
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(tokenizer_json))
-    info = xgr.TokenizerInfo.from_huggingface(wrapped, stop_token_ids=list(stop_ids) or None)
+    info = tokenizer_info(wrapped, None, stop_ids)
     return xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
 
 

@@ -17,8 +17,7 @@ from aiohttp import web
 from swagger_ui_bundle import swagger_ui_path
 
 from router.http.openapi import DOCUMENT_PATH, build_document
-from router.http.openapi_schemas import ApiLimits
-from router.state import STATE, VERSION, AppState
+from router.state import STATE, VERSION
 
 # The files index.j2 references, with their media types (RFC 9239 for JavaScript).
 ASSETS = {
@@ -29,16 +28,6 @@ ASSETS = {
     "favicon-16x16.png": "image/png",
 }
 PUBLIC_PATHS = frozenset({DOCUMENT_PATH, "/docs", "/docs/", *(f"/docs/{name}" for name in ASSETS)})
-
-
-def api_limits(state: AppState) -> ApiLimits:
-    config, limits = state.config, state.limits
-    return ApiLimits(
-        max_best_of=config.max_best_of, max_stop_sequences=config.max_stop_sequences,
-        max_top_n_tokens=config.max_top_n_tokens, max_input_tokens=limits.max_input_tokens,
-        max_total_tokens=limits.max_total_tokens, max_client_batch_size=config.max_client_batch_size,
-        vocab_size=state.vocab_size,
-    )
 
 
 class DocsRoutes:
@@ -57,7 +46,8 @@ class DocsRoutes:
 
     async def document(self, request: web.Request) -> web.Response:
         if self._document is None:
-            self._document = build_document(api_limits(request.app[STATE]), VERSION, tuple(ASSETS))
+            # The limits the server enforces (router.limits.Limits), so the document shows them.
+            self._document = build_document(request.app[STATE].limits, VERSION, tuple(ASSETS))
         return web.json_response(self._document)
 
     async def redirect(self, request: web.Request) -> web.Response:

@@ -1,21 +1,25 @@
 """The OpenAPI 3.0 document of every HTTP route the router serves (TGI's `/api-doc/openapi.json`).
 
 Built from the code, with the server's live limits, never kept as a copy: the component schemas
-come from router/http/openapi_schemas.py (request bodies from the parsers' own fields and rules);
-the paths and their responses are written out here. Error responses use the envelope of the
-route's family: TGI `{"error", "error_type"}` on the native routes, OpenAI `{"error": {"message",
-"type", "param", "code"}}` on `/v1/*`; SageMaker's `/invocations` answers in the envelope of the
-body it was sent (`ROUTE_FAMILIES`).
+come from router/http/openapi_schemas.py (request bodies from the parsers' own fields and rules,
+response bodies generated from the typed dicts the routes build); the paths are written out here.
+Error responses use the envelope of the route's family: TGI `{"error", "error_type"}` on the
+native routes, OpenAI `{"error": {"message", "type", "param", "code"}}` on `/v1/*`; SageMaker's
+`/invocations` answers in the envelope of the body it was sent (`ROUTE_FAMILIES`).
 
 tests/router/http/test_openapi.py checks the paths against the app's route table and the document
-against the OpenAPI 3.0 schema. OpenAPI 3.0 (not 3.1) because the bundled Swagger UI 4 renders 3.0.
+against the OpenAPI 3.0 schema, test_openapi_responses.py real responses against their schemas.
+OpenAPI 3.0 (not 3.1) because the bundled Swagger UI 4 renders 3.0.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from router.http.openapi_schemas import ApiLimits, component_schemas, object_schema, ref
+from router.api_models import ChatTokenizeResponse, ErrorResponse, GenerateResponse, Info, SimpleToken
+from router.http.openapi_schemas import component_schemas, object_schema, ref
+from router.limits import Limits
+from router.openai.models import ChatCompletion, Completion, Model, ModelList, OpenAIErrorResponse
 
 OPENAPI_VERSION = "3.0.3"
 DOCUMENT_PATH = "/api-doc/openapi.json"
@@ -52,8 +56,8 @@ _ERROR_STATUSES = {
 
 
 def _errors(family: str, statuses: tuple[int, ...]) -> dict[str, Any]:
-    schema = {"tgi": ref("ErrorResponse"), "openai": ref("OpenAIErrorResponse"),
-              "either": {"oneOf": [ref("ErrorResponse"), ref("OpenAIErrorResponse")]}}[family]
+    schema = {"tgi": ref(ErrorResponse), "openai": ref(OpenAIErrorResponse),
+              "either": {"oneOf": [ref(ErrorResponse), ref(OpenAIErrorResponse)]}}[family]
     return {str(status): _json(schema, _ERROR_STATUSES[status]) for status in statuses}
 
 
@@ -80,9 +84,11 @@ def _operation(summary: str, tag: str, responses: dict[str, Any], body: dict[str
 _GENERATION_ERRORS = (400, 401, 408, 413, 422, 424, 429, 500, 503)
 _TOKENIZE_ERRORS = (400, 401, 408, 413, 422, 503)
 _OPENAI_ERRORS = (400, 401, 404, 408, 413, 415, 429, 500, 503)
+# The events' JSON is described by components (SSE has no schema for `data` in OpenAPI 3.0).
 _TGI_STREAM = "`data: <StreamResponse JSON>` events; an error arrives as a `data: <ErrorResponse>` event."
-_OPENAI_STREAM = ("`data: <chunk JSON>` events, then `data: [DONE]`; an error arrives as an OpenAI error "
-                  "event.")
+_CHAT_STREAM = ("`data: <ChatCompletionChunk JSON>` events, then `data: [DONE]`; an error arrives as a "
+                "`data: <OpenAIErrorResponse>` event.")
+_COMPLETION_STREAM = _CHAT_STREAM.replace("ChatCompletionChunk", "CompletionChunk")
 
 
 def _probe(status: str) -> dict[str, Any]:
@@ -90,10 +96,10 @@ def _probe(status: str) -> dict[str, Any]:
 
 
 def _tgi_paths() -> dict[str, Any]:
-    generate = _json(ref("GenerateResponse"), "The generation.")
+    generate = _json(ref(GenerateResponse), "The generation.")
     compat_ok = {"description": "A one-element list of generations, or an SSE stream with `stream: true`.",
                  "content": {"application/json": {"schema": {"type": "array",
-                                                             "items": ref("GenerateResponse")}},
+                                                             "items": ref(GenerateResponse)}},
                              **_sse(_TGI_STREAM)}}
     healthy = {"200": {"description": "Every shard answers."}, **_errors("tgi", (503,))}
     return {
@@ -109,23 +115,24 @@ def _tgi_paths() -> dict[str, Any]:
              **_errors("tgi", _GENERATION_ERRORS)},
             ref("GenerateRequest"), operation_id="generate_stream")},
         "/tokenize": {"post": _operation("Tokenize `inputs`", "TGI", {
-            "200": _json({"type": "array", "items": ref("SimpleToken")}, "Tokens with character offsets."),
+            "200": _json({"type": "array", "items": ref(SimpleToken)}, "Tokens with character offsets."),
             **_errors("tgi", _TOKENIZE_ERRORS)}, ref("TokenizeRequest"), operation_id="tokenize")},
         "/chat_tokenize": {"post": _operation("Render the chat template and tokenize it", "TGI", {
-            "200": _json(ref("ChatTokenizeResponse"), "The templated prompt and its tokens."),
+            "200": _json(ref(ChatTokenizeResponse), "The templated prompt and its tokens."),
             **_errors("tgi", _TOKENIZE_ERRORS)}, ref("ChatRequest"), operation_id="chat_tokenize")},
         "/invocations": {"post": _operation(
             "SageMaker: a TGI compat body, or an OpenAI chat or completion body", "SageMaker",
             {"200": {"description": "The answer of the route the body belongs to.",
                      "content": {"application/json": {"schema": {"oneOf": [
-                         {"type": "array", "items": ref("GenerateResponse")}, ref("ChatCompletion"),
-                         ref("Completion")]}}, **_sse(f"TGI: {_TGI_STREAM} OpenAI: {_OPENAI_STREAM}")}},
+                         {"type": "array", "items": ref(GenerateResponse)}, ref(ChatCompletion),
+                         ref(Completion)]}},
+                     **_sse(f"TGI: {_TGI_STREAM} Chat: {_CHAT_STREAM} Completions: {_COMPLETION_STREAM}")}},
              **_errors("either", (*_GENERATION_ERRORS, 404))},
             # anyOf: a body with `messages` is a chat even when it also has `inputs`.
             {"anyOf": [ref("CompatGenerateRequest"), ref("ChatRequest"), ref("CompletionRequest")]},
             operation_id="invocations")},
         "/info": {"get": _operation("Model and router limits", "TGI",
-                                    {"200": _json(ref("Info"), "Server info.")}, operation_id="info")},
+                                    {"200": _json(ref(Info), "Server info.")}, operation_id="info")},
         "/health": {"get": _operation("Health of the shards", "TGI", healthy, operation_id="health")},
         "/ping": {"get": _operation("Health (SageMaker's path)", "SageMaker", healthy, operation_id="ping")},
         "/live": {"get": _operation("Liveness: the event loop answers (never asks the shards)", "Probes", {
@@ -141,9 +148,9 @@ def _tgi_paths() -> dict[str, Any]:
 
 def _openai_paths() -> dict[str, Any]:
     chat_ok = {"description": "The completion, or an SSE stream with `stream: true`.",
-               "content": {"application/json": {"schema": ref("ChatCompletion")}, **_sse(_OPENAI_STREAM)}}
+               "content": {"application/json": {"schema": ref(ChatCompletion)}, **_sse(_CHAT_STREAM)}}
     completion_ok = {"description": "The completion, or an SSE stream with `stream: true`.",
-                     "content": {"application/json": {"schema": ref("Completion")}, **_sse(_OPENAI_STREAM)}}
+                     "content": {"application/json": {"schema": ref(Completion)}, **_sse(_COMPLETION_STREAM)}}
     model_parameter = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
     return {
         "/v1/chat/completions": {"post": _operation(
@@ -153,10 +160,10 @@ def _openai_paths() -> dict[str, Any]:
             "OpenAI completions", "OpenAI", {"200": completion_ok, **_errors("openai", _OPENAI_ERRORS)},
             ref("CompletionRequest"), operation_id="completions")},
         "/v1/models": {"get": _operation("The served model", "OpenAI", {
-            "200": _json(ref("ModelList"), "One model."), **_errors("openai", (401, 503))},
+            "200": _json(ref(ModelList), "One model."), **_errors("openai", (401, 503))},
             operation_id="models")},
         "/v1/models/{model}": {"get": _operation("One model by id", "OpenAI", {
-            "200": _json(ref("Model"), "The model."), **_errors("openai", (401, 404, 503))},
+            "200": _json(ref(Model), "The model."), **_errors("openai", (401, 404, 503))},
             operation_id="model", parameters=[model_parameter])},
     }
 
@@ -181,7 +188,7 @@ def _docs_paths(asset_names: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def build_document(limits: ApiLimits, version: str, asset_names: tuple[str, ...]) -> dict[str, Any]:
+def build_document(limits: Limits, version: str, asset_names: tuple[str, ...]) -> dict[str, Any]:
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": "pytgi", "version": version, "license": {"name": "Apache-2.0"},

@@ -108,9 +108,7 @@ class SseWriter:
     async def _write(self, frame: bytes) -> None:
         try:
             await self.response.write(frame)
-        except (ConnectionResetError, asyncio.CancelledError, RuntimeError) as error:
-            if isinstance(error, asyncio.CancelledError):
-                raise
+        except (ConnectionResetError, RuntimeError) as error:
             raise ClientGone() from error
         self._last_write = self._loop.time()
 

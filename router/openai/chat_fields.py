@@ -1,7 +1,7 @@
-"""The structured fields of an OpenAI chat body, checked for shape: `messages` (content parts,
-assistant tool calls), `tools`, `tool_choice`, `response_format` / `grammar`, and
-`chat_template_kwargs`. Whether tools and formats can be honoured is decided later, by the
-handler (constrained decoding, router/grammar/).
+"""The structured fields of an OpenAI chat body, checked once, here: `messages` (content parts,
+assistant tool calls), `tools`, `tool_choice`, `response_format` / `grammar` (read into the typed
+values of router/openai/constraints.py, which builds their grammar), and `chat_template_kwargs`.
+Whether a grammar compiles is checked later (router/grammar/validator.py).
 """
 
 from __future__ import annotations
@@ -9,12 +9,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from pytgi_common.grammar import GrammarError
 from router import bounds
 from router.errors import InvalidRequestError
+from router.grammar.native import JSON, native_grammar, schema_text
 from router.openai.chat_template import RESERVED_KWARGS
+from router.openai.constraints import ContentFormat, Tool, ToolChoice
 from router.openai.fields import missing, read_object, type_error, value_error
 
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ANY_OBJECT = {"type": "object"}
+_NO_PARAMETERS = {"type": "object", "properties": {}}
 RESPONSE_FORMATS = ("text", "json_object", "json_schema", "json", "regex")
 
 
@@ -110,14 +115,14 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     return calls
 
 
-def read_tools(value: Any) -> list[dict[str, Any]] | None:
+def read_tools(value: Any) -> tuple[Tool, ...]:
     if value is None:
-        return None
+        return ()
     if not isinstance(value, list):
         raise type_error("tools", "an array", value)
     if len(value) > bounds.MAX_TOOLS:
         raise value_error("tools", f"at most {bounds.MAX_TOOLS} tools are allowed, but got {len(value)}.")
-    names = set()
+    tools: list[Tool] = []
     for i, tool in enumerate(value):
         where = f"tools[{i}]"
         if not isinstance(tool, dict):
@@ -132,28 +137,29 @@ def read_tools(value: Any) -> list[dict[str, Any]] | None:
         if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
             raise value_error(f"{where}.function.name", "a function name must be 1 to 64 characters among "
                                                         f"a-z, A-Z, 0-9, '_', '.' and '-', got {name!r}.")
-        if name in names:
+        if any(t.name == name for t in tools):
             raise value_error(f"{where}.function.name", f"duplicate function name {name!r}.")
-        names.add(name)
         for key in ("parameters", "arguments"):  # TGI's clients call the schema `arguments`
             if function.get(key) is not None and not isinstance(function[key], dict):
                 raise type_error(f"{where}.function.{key}", "a JSON schema object", function[key])
         if function.get("description") is not None and not isinstance(function["description"], str):
             raise type_error(f"{where}.function.description", "a string", function["description"])
-    return value or None
+        parameters = function.get("parameters", function.get("arguments"))
+        tools.append(Tool(name, parameters if parameters is not None else _NO_PARAMETERS, tool))
+    return tuple(tools)
 
 
-def read_tool_choice(value: Any, tools: list | None) -> str | dict | None:
-    if value is None:
-        return None
-    names = {t["function"]["name"] for t in tools or ()}
+def read_tool_choice(value: Any, tools: tuple[Tool, ...]) -> ToolChoice:
+    """Absent: "auto" with tools, else "none" (OpenAI); "auto" without tools is "none" too."""
+    if value is None or value == "auto":
+        return ToolChoice("auto" if tools else "none")
     if isinstance(value, str):
-        if value in ("none", "auto"):
-            return value
+        if value == "none":
+            return ToolChoice("none")
         if value == "required":
             if not tools:
                 raise value_error("tool_choice", "'required' needs 'tools'.")
-            return value
+            return ToolChoice("required")
         name = value  # TGI: a bare function name
     elif isinstance(value, dict):
         function = value.get("function")
@@ -164,14 +170,15 @@ def read_tool_choice(value: Any, tools: list | None) -> str | dict | None:
         name = function["name"]
     else:
         raise type_error("tool_choice", "a string or an object", value)
-    if name not in names:
+    if not any(t.name == name for t in tools):
         raise value_error("tool_choice", f"no tool named {name!r} in 'tools'.")
-    return {"type": "function", "function": {"name": name}}
+    return ToolChoice("named", name)
 
 
-def read_response_format(value: Any, param: str) -> dict[str, Any] | None:
+def read_response_format(value: Any, param: str) -> ContentFormat | None:
     """OpenAI's `text` / `json_object` / `json_schema{name, schema, strict}`, and TGI's grammar
-    shapes `{"type": "json" | "json_object" | "regex", "value": …}` (huggingface_hub sends these)."""
+    shapes `{"type": "json" | "json_object" | "json_schema" | "regex", "value": …}` (huggingface_hub
+    sends these; router.grammar.native.native_grammar reads them, as for `/generate`)."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -180,24 +187,30 @@ def read_response_format(value: Any, param: str) -> dict[str, Any] | None:
     allowed = RESPONSE_FORMATS if param == "response_format" else RESPONSE_FORMATS[1:]
     if kind not in allowed:
         raise value_error(f"{param}.type", f"expected one of {', '.join(map(repr, allowed))}, got {kind!r}.")
-    if kind == "json_schema" and "value" not in value:
-        spec = value.get("json_schema")
-        if not isinstance(spec, dict):
-            raise missing(f"{param}.json_schema")
-        if not isinstance(spec.get("name"), str) or not _FUNCTION_NAME.match(spec["name"]):
-            raise value_error(f"{param}.json_schema.name",
-                              "expected 1 to 64 characters among a-z, A-Z, 0-9, '_', '.' and '-'.")
-        if spec.get("schema") is not None and not isinstance(spec["schema"], dict):
-            raise type_error(f"{param}.json_schema.schema", "a JSON schema object", spec["schema"])
-        if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
-            raise type_error(f"{param}.json_schema.strict", "a boolean", spec["strict"])
-    elif kind == "regex":
-        if not isinstance(value.get("value"), str):
-            raise type_error(f"{param}.value", "a regular expression string", value.get("value"))
-    elif kind in ("json", "json_object", "json_schema"):
-        schema = value.get("value", value.get("schema"))
-        if kind == "json" and schema is None:
-            raise missing(f"{param}.value")
-        if schema is not None and not isinstance(schema, (dict, bool)):
-            raise type_error(f"{param}.value", "a JSON schema object", schema)
-    return value
+    if kind == "text":
+        return None
+    if kind == "regex" and not isinstance(value.get("value"), str):
+        raise type_error(f"{param}.value", "a regular expression string", value.get("value"))
+    if "value" in value:  # TGI's shape
+        try:
+            grammar_type, text = native_grammar("json" if kind == "json_object" else kind, value["value"],
+                                                f"{param}.value")
+        except GrammarError as error:
+            raise value_error(error.param, f"{error.message}.") from None
+        return ContentFormat(grammar_type, text, param)
+    if kind == "json_object":
+        return ContentFormat(JSON, schema_text(_ANY_OBJECT), param)
+    if kind != "json_schema":
+        raise missing(f"{param}.value")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise missing(f"{param}.json_schema")
+    if not isinstance(spec.get("name"), str) or not _FUNCTION_NAME.match(spec["name"]):
+        raise value_error(f"{param}.json_schema.name",
+                          "expected 1 to 64 characters among a-z, A-Z, 0-9, '_', '.' and '-'.")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise type_error(f"{param}.json_schema.strict", "a boolean", spec["strict"])
+    schema = spec.get("schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise type_error(f"{param}.json_schema.schema", "a JSON schema object", schema)
+    return ContentFormat(JSON, schema_text(_ANY_OBJECT if schema is None else schema), param)

@@ -11,7 +11,7 @@ templates gets the "tool_use" one when the request has tools, else "default" (tr
 Tool turns (an assistant message with `tool_calls`, `tool` results) reach a template that handles
 `tool_calls` as transformers passes them (arguments parsed to a dict, content possibly None). A
 template that never mentions `tool_calls` (SmolLM2's ChatML) gets them as the text the model was
-told to write (router.grammar.builder.tool_prompt): the assistant's content followed by its calls,
+told to write (router.openai.constraints.tool_prompt): the assistant's content followed by its calls,
 `<tool_call>\n{"name": …, "arguments": …}\n</tool_call>` each; and each run of `tool` results as
 one user turn of `<tool_response>\n…\n</tool_response>` blocks, as the Hermes / Qwen templates do
 (a user turn: templates that refuse unknown roles or insist that roles alternate accept it).
@@ -66,10 +66,6 @@ class ChatTemplate:
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "ChatTemplate":
         return cls(tokenizer.chat_template, tokenizer.special_tokens_map, tokenizer.chat_templates)
-
-    @property
-    def available(self) -> bool:
-        return bool(self.template or self.named)
 
     def warm_up(self) -> None:
         """Import transformers' renderer and compile the template (blocking: run it in a thread)."""
@@ -164,7 +160,7 @@ def _call_text(call: dict[str, Any]) -> str:
     arguments = function.get("arguments")
     if arguments is None:
         arguments = {}
-    if not isinstance(arguments, str):  # parsed by openai_schemas: written back as json.dumps does
+    if not isinstance(arguments, str):  # parsed by chat_fields.py: written back as json.dumps does
         arguments = json.dumps(arguments, ensure_ascii=False)
     return call_text(function.get("name", ""), arguments)
 

@@ -8,12 +8,16 @@ Sampling semantics (README "OpenAI API" lists them):
 - `temperature` ∈ [0, 2], default 1 with sampling; 0 = greedy. `top_p` ∈ [0, 1]: 1 = off and
   0 = greedy. `frequency_penalty` / `presence_penalty` ∈ [-2, 2], OpenAI's additive form.
 - `logit_bias`: token-id string keys (in the vocabulary) → bias ∈ [-100, 100].
-- `stop`: a string or a list of at most `--max-stop-sequences`, matched on text and stripped.
+- `stop`: a string or a list (at most `--max-stop-sequences`: the validator's rule), matched on
+  text and stripped.
 - `n` ∈ [1, MAX_N]; each choice samples with its own seed (`seed + i` when a seed is given).
 - TGI/vLLM extras: `top_k` (≤ 0 = off), `repetition_penalty` (> 0), `typical_p` ∈ (0, 1],
   `min_p` ∈ [0, 1], `ignore_eos`.
-- `tools` / `tool_choice` / `response_format` / `grammar` are checked for shape (chat_fields.py);
-  whether they can be honoured is decided by the handler (constrained decoding).
+- `tools` / `tool_choice` / `response_format` / `grammar` are read into typed values
+  (chat_fields.py) and combined into one grammar (constraints.py); whether it compiles is
+  checked by the handler before the request is queued.
+- `tool_prompt` (TGI's): the text that introduces the tools where the chat template cannot show
+  them; `user` is logged with the request.
 - `chat_template_kwargs` (vLLM's extra): an object of extra chat-template variables, none of them
   one the renderer sets itself (router.openai.chat_template.RESERVED_KWARGS).
 """
@@ -22,11 +26,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from router import bounds
 from router.errors import InvalidRequestError
+from router.limits import Limits
 from router.openai.chat_fields import (
     read_messages,
     read_response_format,
@@ -34,6 +39,7 @@ from router.openai.chat_fields import (
     read_tool_choice,
     read_tools,
 )
+from router.openai.constraints import Constraint, ContentFormat, Tool, ToolChoice, build_constraint
 from router.openai.fields import (
     is_ids,
     missing,
@@ -47,19 +53,8 @@ from router.openai.fields import (
     value_error,
 )
 
-MAX_N = 8  # most choices per prompt (each one is a generation: `n` concurrency permits)
 SEED_RANGE = (-(2**63), 2**64 - 1)
 _TOKEN_ID = re.compile(r"^[0-9]{1,10}\Z")
-
-
-@dataclass(frozen=True, slots=True)
-class OpenAILimits:
-    max_stop_sequences: int
-    max_top_n_tokens: int
-    max_client_batch_size: int
-    vocab_size: int  # ids the model can take (its embedding rows and logits, and the tokenizer's)
-    max_input_tokens: int  # also bounds the number of chat messages: each takes a prompt token
-    max_n: int = MAX_N
 
 
 @dataclass(slots=True)
@@ -83,10 +78,6 @@ class Sampling:
     stream: bool = False
     include_usage: bool = False
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_p == 0.0
-
 
 @dataclass(slots=True)
 class ChatRequest:
@@ -95,22 +86,25 @@ class ChatRequest:
     sampling: Sampling
     logprobs: bool = False
     top_logprobs: int = 0
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None  # None: "auto" when tools are given
-    response_format: dict[str, Any] | None = None
-    grammar: dict[str, Any] | None = None  # TGI's extra: {"type": "json"|"regex"|…, "value"}
-    tool_prompt: str | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice("none")
+    # What `response_format` or TGI's `grammar` extra asks the content to be (None: free text).
+    content_format: ContentFormat | None = None
     parallel_tool_calls: bool | None = None
-    user: str | None = None
+    tool_prompt: str | None = None  # TGI's: leads the tools' description where the template has none
+    user: str | None = None  # shown on the request's access line (routes.note_user)
     chat_template_kwargs: dict[str, Any] | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The grammar that honours tools / tool_choice / the content format (None: unconstrained).
+    constraint: Constraint | None = None
 
     @property
-    def needs_constraint(self) -> bool:
-        """Whether honouring the request needs constrained decoding."""
-        tools_active = bool(self.tools) and self.tool_choice != "none"
-        text_format = self.response_format is None or self.response_format.get("type") == "text"
-        return tools_active or not text_format or self.grammar is not None
+    def tool_specs(self) -> list[dict[str, Any]] | None:
+        """The tools as sent, for the chat template (None: no tools)."""
+        return [tool.spec for tool in self.tools] or None
+
+    @property
+    def tools_active(self) -> bool:
+        return self.tool_choice.mode != "none"
 
 
 @dataclass(slots=True)
@@ -120,14 +114,13 @@ class CompletionRequest:
     sampling: Sampling
     echo: bool = False
     logprobs: int | None = None
-    user: str | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    user: str | None = None  # shown on the request's access line (routes.note_user)
 
 
 # ---------------------------------------------------------------------------- shared sampling
 
 
-def _sampling(body: dict, limits: OpenAILimits, *, max_tokens: int | None,
+def _sampling(body: dict, limits: Limits, *, max_tokens: int | None,
               min_max_tokens: int = 1) -> Sampling:
     s = Sampling()
     s.max_tokens = max_tokens
@@ -144,7 +137,7 @@ def _sampling(body: dict, limits: OpenAILimits, *, max_tokens: int | None,
     top_k = read_int(body, "top_k", -bounds.I32_MAX - 1, bounds.I32_MAX)  # TGI's i32; <= 0 means off
     s.top_k = top_k if top_k is not None and top_k > 0 else None
     s.logit_bias = _logit_bias(body.get("logit_bias"), limits.vocab_size)
-    s.stop = _stop(body.get("stop"), limits.max_stop_sequences)
+    s.stop = _stop(body.get("stop"))
     seed = read_int(body, "seed", *SEED_RANGE)
     s.seed = None if seed is None else seed % 2**64
     n = read_int(body, "n", 1, limits.max_n)
@@ -186,22 +179,20 @@ def _logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
     return tuple(bias)
 
 
-def _stop(value: Any, max_stop: int) -> tuple[str, ...]:
+def _stop(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise type_error("stop", "a string or an array of strings", value)
-    if len(stops) > max_stop:
-        raise value_error("stop", f"at most {max_stop} stop sequences are allowed (--max-stop-sequences), "
-                                  f"but got {len(stops)}.")
-    return tuple(stops)  # their length is the validator's rule (router/validation.py), for both APIs
+    # How many and how long: the validator's rules (router/validation.py), for both APIs.
+    return tuple(stops)
 
 
 # ------------------------------------------------------------------------------------ chat
 
 
-def parse_chat_request(body: Any, limits: OpenAILimits) -> ChatRequest:
+def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     body = require_object(body)
     model = read_str(body, "model")
     if body.get("messages") is None:
@@ -221,23 +212,25 @@ def parse_chat_request(body: Any, limits: OpenAILimits) -> ChatRequest:
     if top_logprobs is not None and not logprobs:
         raise InvalidRequestError("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
     tools = read_tools(body.get("tools"))
-    request = ChatRequest(
-        model=model, messages=messages, sampling=sampling, logprobs=logprobs, top_logprobs=top_logprobs or 0,
-        tools=tools, tool_choice=read_tool_choice(body.get("tool_choice"), tools),
-        response_format=read_response_format(body.get("response_format"), "response_format"),
-        grammar=read_response_format(body.get("grammar"), "grammar"),
-        tool_prompt=read_str(body, "tool_prompt"), parallel_tool_calls=read_bool(body, "parallel_tool_calls"),
-        user=read_str(body, "user"), chat_template_kwargs=read_template_kwargs(body), raw=body,
-    )
-    if request.grammar is not None and request.response_format is not None:
+    tool_choice = read_tool_choice(body.get("tool_choice"), tools)
+    if body.get("grammar") is not None and body.get("response_format") is not None:
         raise InvalidRequestError("'grammar' and 'response_format' cannot both be set.", "grammar")
-    return request
+    content = (read_response_format(body.get("response_format"), "response_format")
+               or read_response_format(body.get("grammar"), "grammar"))
+    parallel_tool_calls = read_bool(body, "parallel_tool_calls")
+    return ChatRequest(
+        model=model, messages=messages, sampling=sampling, logprobs=logprobs, top_logprobs=top_logprobs or 0,
+        tools=tools, tool_choice=tool_choice, content_format=content, parallel_tool_calls=parallel_tool_calls,
+        tool_prompt=read_str(body, "tool_prompt"), user=read_str(body, "user"),
+        chat_template_kwargs=read_template_kwargs(body),
+        constraint=build_constraint(tools, tool_choice, content, parallel_tool_calls),
+    )
 
 
 # ------------------------------------------------------------------------------ completions
 
 
-def parse_completion_request(body: Any, limits: OpenAILimits) -> CompletionRequest:
+def parse_completion_request(body: Any, limits: Limits) -> CompletionRequest:
     body = require_object(body)
     model = read_str(body, "model")
     if body.get("prompt") is None:
@@ -259,10 +252,10 @@ def parse_completion_request(body: Any, limits: OpenAILimits) -> CompletionReque
     if len(prompts) * sampling.n > limits.max_n * limits.max_client_batch_size:
         raise value_error("n", "too many choices in one request.")
     return CompletionRequest(model=model, prompts=prompts, sampling=sampling, echo=echo, logprobs=logprobs,
-                             user=read_str(body, "user"), raw=body)
+                             user=read_str(body, "user"))
 
 
-def _prompts(value: Any, limits: OpenAILimits) -> list[str | list[int]]:
+def _prompts(value: Any, limits: Limits) -> list[str | list[int]]:
     if isinstance(value, str):
         prompts: list[str | list[int]] = [value]
     elif value and is_ids(value):

@@ -1,7 +1,8 @@
 """OpenAI response shapes: chat completions and (legacy) completions, whole or as SSE chunks.
 
-Shapers turn the router's `TokenEvent`s into OpenAI JSON; they hold the per-request constants
-(id, created, model) and the per-choice running state (usage, text offsets). No I/O here.
+Shapers turn the router's `TokenEvent`s into OpenAI JSON, built as the typed bodies of
+router/openai/models.py (which the OpenAPI document is generated from); they hold the per-request
+constants (id, created, model) and the per-choice running state (usage, text offsets). No I/O here.
 """
 
 from __future__ import annotations
@@ -15,13 +16,36 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from router.events import Finish, TokenEvent, TokenInfo
+from router.openai.models import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprob,
+    ChatLogprobs,
+    ChatMessage,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
+    CompletionFinishReason,
+    CompletionLogprobs,
+    FinishReason,
+    FunctionCall,
+    FunctionDelta,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+)
 from router.openai.reasoning import ReasoningStream, split_reasoning
 from router.openai.tool_calls import TOOL_CALL_CLOSE, ToolCallParseError, ToolCallStream, split_tool_calls
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-def finish_reason(finish: Finish) -> str:
+def finish_reason(finish: Finish) -> CompletionFinishReason:
     """OpenAI's vocabulary: the model's end (eos) and a stop sequence are both "stop"."""
     return "length" if finish.finish_reason == "length" else "stop"
 
@@ -101,8 +125,9 @@ class Choice:
 
 
 class _Shaper:
-    object_name = ""
+    object_name = ""  # of the chunks
     id_prefix = ""
+    chunk_type: type[ChatCompletionChunk] | type[CompletionChunk]
 
     def __init__(self, model: str, fingerprint: str, tokens: TokenStrings,
                  include_usage: bool = False) -> None:
@@ -115,26 +140,22 @@ class _Shaper:
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
-    def _envelope(self, choices: list[dict], object_name: str | None = None) -> dict:
-        out = {"id": self.id, "object": object_name or self.object_name, "created": self.created,
-               "model": self.model, "system_fingerprint": self.fingerprint, "choices": choices}
-        return out
-
-    def _chunk(self, choices: list[dict]) -> dict:
-        out = self._envelope(choices)
+    def _chunk(self, choices: list) -> ChatCompletionChunk | CompletionChunk:
+        chunk = self.chunk_type(id=self.id, object=self.object_name, created=self.created, model=self.model,
+                                system_fingerprint=self.fingerprint, choices=choices)
         if self.include_usage:
-            out["usage"] = None
-        return out
+            chunk["usage"] = None  # OpenAI: on every chunk when the last one carries the totals
+        return chunk
 
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                     total_tokens=self.prompt_tokens + self.completion_tokens)
 
-    def usage_chunk(self) -> dict:
+    def usage_chunk(self) -> ChatCompletionChunk | CompletionChunk:
         """The last chunk when `stream_options.include_usage`: no choices, the totals."""
-        out = self._envelope([])
-        out["usage"] = self.usage()
-        return out
+        chunk = self._chunk([])
+        chunk["usage"] = self.usage()
+        return chunk
 
 
 class ChatShaper(_Shaper):
@@ -148,6 +169,7 @@ class ChatShaper(_Shaper):
 
     object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
+    chunk_type = ChatCompletionChunk
 
     def __init__(self, *args, logprobs: bool = False, tool_calls: bool = False, reasoning: bool = False,
                  inside: bool = False, **kwargs) -> None:
@@ -159,32 +181,32 @@ class ChatShaper(_Shaper):
         self._streams: dict[int, ToolCallStream] = {}  # per choice, streaming tool calls only
         self._thoughts: dict[int, ReasoningStream] = {}  # per choice, streaming reasoning only
 
-    def logprob_entry(self, token: TokenInfo, top: tuple[TokenInfo, ...]) -> dict:
+    def logprob_entry(self, token: TokenInfo, top: tuple[TokenInfo, ...]) -> ChatLogprob:
         text, raw = self.tokens.get(token.id)
-        return {"token": text, "logprob": _lp(token.logprob), "bytes": raw,
-                "top_logprobs": [self._top(t) for t in top]}
+        return ChatLogprob(token=text, logprob=_lp(token.logprob), bytes=raw,
+                           top_logprobs=[self._top(t) for t in top])
 
-    def _top(self, token: TokenInfo) -> dict:
+    def _top(self, token: TokenInfo) -> TopLogprob:
         text, raw = self.tokens.get(token.id)
-        return {"token": text, "logprob": _lp(token.logprob), "bytes": raw}
+        return TopLogprob(token=text, logprob=_lp(token.logprob), bytes=raw)
 
     @staticmethod
-    def _delta(content: str | None, tool_calls: list[dict] | None = None) -> dict:
-        # `role` on every delta and `tool_calls` always present keep text-generation 0.7's strict
-        # pydantic chunk model happy; the OpenAI SDK reads the same values.
-        return {"role": "assistant", "content": content, "tool_calls": tool_calls}
+    def _delta(content: str | None, tool_calls: list[ToolCallDelta] | None = None) -> ChatDelta:
+        return ChatDelta(role="assistant", content=content, tool_calls=tool_calls)
 
     @staticmethod
-    def _reasoning_delta(reasoning: str) -> dict:
-        return {"role": "assistant", "content": None, "reasoning_content": reasoning, "tool_calls": None}
+    def _reasoning_delta(reasoning: str) -> ChatDelta:
+        return ChatDelta(role="assistant", content=None, reasoning_content=reasoning, tool_calls=None)
 
-    def role_chunk(self, index: int) -> dict:
-        return self._chunk([{"index": index, "delta": self._delta(""), "logprobs": None,
-                             "finish_reason": None}])
+    def role_chunk(self, index: int) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(index=index, delta=self._delta(""), logprobs=None,
+                                            finish_reason=None)])
 
-    def chunks(self, index: int, event: TokenEvent) -> list[dict]:
+    def chunks(self, index: int, event: TokenEvent) -> list[ChatCompletionChunk]:
         """The chunks for one token (none when it adds nothing: text held back, no logprobs)."""
-        logprobs = {"content": [self.logprob_entry(event.token, event.top_tokens)]} if self.logprobs else None
+        logprobs = None
+        if self.logprobs:
+            logprobs = ChatLogprobs(content=[self.logprob_entry(event.token, event.top_tokens)])
         if event.finish is not None:
             self.completion_tokens += event.finish.generated_tokens
         thought, text = self._reasoning_split(index, event) if self.reasoning else ("", event.text)
@@ -196,8 +218,8 @@ class ChatShaper(_Shaper):
         if not deltas and (logprobs is not None or event.finish is not None):
             deltas = [self._delta("")]  # carries the logprobs or the finish reason
         reason = self._finish_reason(index, event.finish) if event.finish is not None else None
-        return [self._chunk([{"index": index, "delta": delta, "logprobs": logprobs if i == 0 else None,
-                              "finish_reason": reason if i == len(deltas) - 1 else None}])
+        return [self._chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs if i == 0 else None,
+                                             finish_reason=reason if i == len(deltas) - 1 else None)])
                 for i, delta in enumerate(deltas)]
 
     def _reasoning_split(self, index: int, event: TokenEvent) -> tuple[str, str]:
@@ -208,7 +230,7 @@ class ChatShaper(_Shaper):
             return split.reasoning + last.reasoning, split.content + last.content
         return split.reasoning, split.content
 
-    def _tool_deltas(self, index: int, text: str, finished: bool) -> list[dict]:
+    def _tool_deltas(self, index: int, text: str, finished: bool) -> list[ChatDelta]:
         stream = self._streams.setdefault(index, ToolCallStream())
         pieces = stream.feed(text)
         if finished:
@@ -222,33 +244,36 @@ class ChatShaper(_Shaper):
                 if piece.content:
                     deltas.append(self._delta(piece.content))
             elif piece.name is not None:
-                deltas.append(self._delta(None, [{"index": piece.index, "id": _call_id(), "type": "function",
-                                                  "function": {"name": piece.name, "arguments": ""}}]))
+                deltas.append(self._delta(None, [ToolCallDelta(
+                    index=piece.index, id=_call_id(), type="function",
+                    function=FunctionDelta(name=piece.name, arguments=""))]))
             else:
-                deltas.append(self._delta(None, [{"index": piece.index, "function": {"arguments": piece.arguments}}]))
+                deltas.append(self._delta(None, [ToolCallDelta(
+                    index=piece.index, function=FunctionDelta(arguments=piece.arguments))]))
         return deltas
 
-    def _finish_reason(self, index: int, finish: Finish) -> str:
+    def _finish_reason(self, index: int, finish: Finish) -> FinishReason:
         stream = self._streams.get(index)
         if stream is not None and stream.calls and finish.finish_reason != "length":
             return "tool_calls"
         return finish_reason(finish)
 
-    def response(self, choices: list[Choice]) -> dict:
+    def response(self, choices: list[Choice]) -> ChatCompletion:
         out = []
         for choice in choices:
             finish = choice.finish
             logprobs = None
             if self.logprobs:
-                logprobs = {"content": [self.logprob_entry(e.token, e.top_tokens) for e in choice.events]}
+                logprobs = ChatLogprobs(content=[self.logprob_entry(e.token, e.top_tokens)
+                                                 for e in choice.events])
             self.completion_tokens += finish.generated_tokens
             message, reason = self._message(finish)
-            out.append({"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": reason})
-        body = self._envelope(out, "chat.completion")
-        body["usage"] = self.usage()
-        return body
+            out.append(ChatChoice(index=choice.index, message=message, logprobs=logprobs,
+                                  finish_reason=reason))
+        return ChatCompletion(id=self.id, object="chat.completion", created=self.created, model=self.model,
+                              system_fingerprint=self.fingerprint, choices=out, usage=self.usage())
 
-    def _message(self, finish: Finish) -> tuple[dict, str]:
+    def _message(self, finish: Finish) -> tuple[ChatMessage, FinishReason]:
         text, reasoning = finish.generated_text, None
         if self.reasoning:
             reasoning, text = split_reasoning(text, self.inside)
@@ -259,7 +284,7 @@ class ChatShaper(_Shaper):
                 message["content"] = None
         return message, reason
 
-    def _content_message(self, text: str, finish: Finish) -> tuple[dict, str]:
+    def _content_message(self, text: str, finish: Finish) -> tuple[ChatMessage, FinishReason]:
         if self.tool_calls:
             try:
                 content, calls = split_tool_calls(text)
@@ -268,11 +293,12 @@ class ChatShaper(_Shaper):
                 complete = text[: text.rfind(TOOL_CALL_CLOSE) + len(TOOL_CALL_CLOSE)] if TOOL_CALL_CLOSE in text else ""
                 content, calls = split_tool_calls(complete) if complete else (text, None)
             if calls:
-                message = {"role": "assistant", "content": content or None, "tool_calls": [
-                    {"id": _call_id(), "type": "function",
-                     "function": {"name": call["name"], "arguments": call["arguments"]}} for call in calls]}
+                message = ChatMessage(role="assistant", content=content or None, tool_calls=[
+                    ToolCall(id=_call_id(), type="function",
+                             function=FunctionCall(name=call["name"], arguments=call["arguments"]))
+                    for call in calls])
                 return message, "tool_calls" if finish.finish_reason != "length" else "length"
-        return {"role": "assistant", "content": text}, finish_reason(finish)
+        return ChatMessage(role="assistant", content=text), finish_reason(finish)
 
 
 def _call_id() -> str:
@@ -288,6 +314,7 @@ class CompletionShaper(_Shaper):
 
     object_name = "text_completion"
     id_prefix = "cmpl-"
+    chunk_type = CompletionChunk
 
     def __init__(self, *args, prompts: list[str], echo: bool = False, logprobs: int | None = None,
                  score_only: bool = False, **kwargs) -> None:
@@ -298,9 +325,13 @@ class CompletionShaper(_Shaper):
         self.score_only = score_only
         self._offsets: dict[int, int] = {}  # stream: text offset reached per choice
 
-    def _logprobs(self, items, offset: int) -> tuple[dict, int]:
-        """items: (token, top tokens, length of its text in the output)."""
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    def _logprobs(self, items, offset: int,
+                  into: CompletionLogprobs | None = None) -> tuple[CompletionLogprobs, int]:
+        """items: (token, top tokens, length of its text in the output); appended to `into`, when
+        given."""
+        out = into
+        if out is None:
+            out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
         for token, top, length in items:
             text = self.tokens.text(token.id)
             out["tokens"].append(text)
@@ -321,14 +352,15 @@ class CompletionShaper(_Shaper):
     def _generated(self, events: list[TokenEvent]) -> list[TokenEvent]:
         return [] if self.score_only else events
 
-    def _choice(self, index: int, text: str, logprobs: dict | None, finish: Finish | None) -> dict:
-        return {"index": index, "text": text, "logprobs": logprobs,
-                "finish_reason": finish_reason(finish) if finish is not None else None}
+    def _choice(self, index: int, text: str, logprobs: CompletionLogprobs | None,
+                finish: Finish | None) -> CompletionChunkChoice:
+        return CompletionChunkChoice(index=index, text=text, logprobs=logprobs,
+                                     finish_reason=finish_reason(finish) if finish is not None else None)
 
     def _completion_count(self, finish: Finish) -> int:
         return 0 if self.score_only else finish.generated_tokens
 
-    def response(self, choices: list[Choice]) -> dict:
+    def response(self, choices: list[Choice]) -> Completion:
         out = []
         for choice in choices:
             finish = choice.finish
@@ -337,17 +369,16 @@ class CompletionShaper(_Shaper):
             text = prompt + ("" if self.score_only else finish.generated_text)
             logprobs = None
             if self.logprobs is not None:
-                prompt_lp, _ = self._logprobs(self._prompt_items(finish.prefill) if self.echo else [], 0)
-                generated_lp, _ = self._logprobs([(e.token, e.top_tokens, len(e.token.text)) for e in events],
-                                                 len(prompt))
-                logprobs = {key: prompt_lp[key] + generated_lp[key] for key in prompt_lp}
+                logprobs, _ = self._logprobs(self._prompt_items(finish.prefill) if self.echo else [], 0)
+                self._logprobs([(e.token, e.top_tokens, len(e.token.text)) for e in events], len(prompt),
+                               into=logprobs)
             self.completion_tokens += self._completion_count(finish)
-            out.append(self._choice(choice.index, text, logprobs, finish))
-        body = self._envelope(out)
-        body["usage"] = self.usage()
-        return body
+            out.append(CompletionChoice(index=choice.index, text=text, logprobs=logprobs,
+                                        finish_reason=finish_reason(finish)))
+        return Completion(id=self.id, object="text_completion", created=self.created, model=self.model,
+                          system_fingerprint=self.fingerprint, choices=out, usage=self.usage())
 
-    def chunks(self, index: int, prompt_index: int, event: TokenEvent) -> list[dict]:
+    def chunks(self, index: int, prompt_index: int, event: TokenEvent) -> list[CompletionChunk]:
         """The chunks for one token: the echoed prompt first (with the first token), then the
         token's text."""
         chunks = []

@@ -15,36 +15,35 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing
 from dataclasses import replace
 
 from aiohttp import web
 
+from pytgi_common.grammar import GrammarError
 from router import bounds
+from router.api_models import ChatTokenizeResponse, SimpleToken
 from router.errors import ContextLengthError, InvalidRequestError, RouterError, ValidationError
 from router.events import ErrorEvent, TokenEvent
-from router.grammar import validator as grammars
-from router.grammar.builder import Constraint, GrammarError, build_constraint, tool_prompt
+from router.grammar.validator import GrammarNotSupported
 from router.http.sse import ClientGone, SseWriter
 from router.openai import reasoning
 from router.openai.chat_template import ChatTemplate
 from router.openai.choices import collect, merge_streams, per_choice
-from router.openai.requests import (
-    ChatRequest,
-    OpenAILimits,
-    Sampling,
-    parse_chat_request,
-    parse_completion_request,
-)
+from router.openai.constraints import Constraint, tool_prompt
+from router.openai.models import Model, ModelList
+from router.openai.requests import ChatRequest, Sampling, parse_chat_request, parse_completion_request
 from router.openai.responses import ChatShaper, CompletionShaper, TokenStrings
 from router.routes import read_json, tokenize_with_offsets
 from router.schemas import GenerateParameters, GenerateRequest
 from router.state import STATE, VERSION, AppState
-from router.validation import ValidParameters, ValidRequest
+from router.validation import ValidRequest
 
 FINGERPRINT = f"pytgi-{VERSION}"
 # Set on requests answered by these handlers (also via /invocations): errors use OpenAI's envelope.
 OPENAI_REQUEST = web.RequestKey("openai", bool)
+# OpenAI's `user` (an end-user id for abuse monitoring): shown on the request's access line.
+END_USER = web.RequestKey("end_user", str)
 # Content types read as JSON: JSON itself, and what curl (-d) and fetch (string body) send by default.
 JSON_CONTENT_TYPES = ("application/json", "application/x-www-form-urlencoded", "text/plain")
 
@@ -68,13 +67,14 @@ async def read_openai_json(request: web.Request):
 
 
 def generate_parameters(s: Sampling, top_n: int, decoder_input_details: bool = False) -> GenerateParameters:
-    """OpenAI sampling → TGI parameters: sampling unless greedy (temperature 0 or top_p 0)."""
-    greedy = s.greedy
+    """OpenAI sampling → TGI parameters. OpenAI samples by default (`do_sample`); whether the
+    values mean greedy is decided by the validator (pytgi_common/sampling.py), as for TGI's routes.
+    OpenAI's "off" values (top_p / typical_p 1) are TGI's absent ones (TGI refuses 1), and top_p 0
+    (only the most likely token) is argmax: temperature 0."""
     return GenerateParameters(
-        do_sample=not greedy, temperature=0.0 if greedy else s.temperature,
-        top_p=None if greedy or s.top_p == 1.0 else s.top_p, top_k=None if greedy else s.top_k,
-        typical_p=None if greedy or s.typical_p == 1.0 else s.typical_p,
-        min_p=None if greedy or not s.min_p else s.min_p,
+        do_sample=True, temperature=0.0 if s.top_p == 0.0 else s.temperature,
+        top_p=None if s.top_p in (0.0, 1.0) else s.top_p, top_k=s.top_k,
+        typical_p=None if s.typical_p == 1.0 else s.typical_p, min_p=s.min_p or None,
         repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
         presence_penalty=s.presence_penalty,
         max_new_tokens=None if s.max_tokens is None else max(s.max_tokens, 1),
@@ -103,35 +103,25 @@ def context_error(error: ContextLengthError, what: str) -> InvalidRequestError:
     return InvalidRequestError(message, what, code="context_length_exceeded")
 
 
-def constraint_of(request) -> Constraint | None:
-    """The grammar that tools / response_format / grammar ask for, not compiled yet (see
-    `check_constraint`); its shape errors are OpenAI 400s carrying their `param`."""
-    if not getattr(request, "needs_constraint", False):
-        return None
-    with openai_grammar_errors():
-        return build_constraint(request)
-
-
-async def check_constraint(request, constraint: Constraint | None) -> None:
+async def check_constraint(validator, constraint: Constraint | None) -> None:
     """Compile-check `constraint` (off the event loop; pinned on the shards while the request
     runs). Called once the request passed every cheaper rule: a request refused anyway never
-    costs a compile."""
-    if constraint is not None:
-        with openai_grammar_errors():
-            await grammars.check_constraint(request, constraint)
-
-
-@contextmanager
-def openai_grammar_errors():
+    costs a compile. Failures are OpenAI 400s on the field the grammar came from."""
+    if constraint is None:
+        return
     try:
-        yield
-    except grammars.GrammarNotSupported as error:
-        raise InvalidRequestError(f"'{error.param or 'response_format'}' is not supported by this server "
-                                  "(constrained decoding is disabled or unavailable).", error.param,
+        await validator.check(constraint.grammar_type, constraint.grammar, constraint.param)
+    except GrammarNotSupported as error:
+        raise InvalidRequestError(f"'{constraint.param}' is not supported by this server (constrained decoding "
+                                  "is disabled or unavailable).", constraint.param,
                                   code="unsupported_parameter") from error
     except GrammarError as error:
-        raise InvalidRequestError(getattr(error, "message", str(error)), error.param,
-                                  code="invalid_value") from error
+        raise InvalidRequestError(error.message, constraint.param, code="invalid_value") from error
+
+
+def note_user(request: web.Request, user: str | None) -> None:
+    if user:
+        request[END_USER] = user[:bounds.MAX_LOGGED_USER]
 
 
 class Context:
@@ -144,10 +134,8 @@ class Context:
         templates = "\n".join(filter(None, [self.template.template, *self.template.named.values()]))
         self.reasoning = reasoning.resolve(config.reasoning_parser, templates)
         self.tokens = TokenStrings(state.tokenizer)
-        self.limits = OpenAILimits(
-            max_stop_sequences=config.max_stop_sequences, max_top_n_tokens=config.max_top_n_tokens,
-            max_client_batch_size=config.max_client_batch_size, vocab_size=state.vocab_size,
-            max_input_tokens=state.limits.max_input_tokens)
+        self.limits = state.limits
+        self.grammars = state.infer.validator.grammar
         self.created = int(time.time())
         # Importing transformers' renderer takes seconds: off the loop, and awaited before a render.
         self._warm = asyncio.get_running_loop().run_in_executor(None, self.template.warm_up)
@@ -163,19 +151,20 @@ class Context:
                               status=404, error_type="model_not_found", param="model", code="model_not_found")
         return requested
 
-    def model_card(self) -> dict:
-        return {"id": self.state.config.model_id, "object": "model", "created": self.created,
-                "owned_by": "pytgi"}
+    def model_card(self) -> Model:
+        return Model(id=self.state.config.model_id, object="model", created=self.created, owned_by="pytgi")
 
     async def render(self, chat: ChatRequest) -> str:
         await asyncio.shield(self._warm)
-        messages = chat.messages
-        if chat.tools and chat.tool_choice != "none" and not self.template.uses_tools(chat.tools):
+        messages, tools = chat.messages, chat.tool_specs
+        if chat.tools_active and not self.template.uses_tools(tools):
             # The template cannot show the tools: tell the model about them and about the call
             # format the grammar enforces, in the system message.
-            messages = with_system_text(messages, tool_prompt(chat.tools))
+            messages = with_system_text(messages, tool_prompt(chat.tools, chat.tool_prompt))
+        elif chat.tools_active and chat.tool_prompt:
+            messages = with_system_text(messages, chat.tool_prompt)  # TGI: only the prompt then
         try:
-            return await self.template.arender(messages, chat.tools, chat.chat_template_kwargs)
+            return await self.template.arender(messages, tools, chat.chat_template_kwargs)
         except RouterError as error:
             error.param = "messages"
             raise
@@ -194,15 +183,12 @@ class Context:
         except ContextLengthError as error:
             raise context_error(error, what) from error
         except ValidationError as error:
-            raise InvalidRequestError(error.reason) from error
+            raise InvalidRequestError(error.reason, error.param) from error
         if ids is not None:
             valid = replace(valid, input_text=self.state.tokenizer.decode(ids))
         params = replace(valid.parameters, logit_bias=sampling.logit_bias, ignore_eos=sampling.ignore_eos,
                          include_stop=False, skip_special_tokens=True)
         if constraint is not None:
-            if "grammar" not in ValidParameters.__dataclass_fields__:
-                raise InvalidRequestError("constrained decoding is not wired into generation yet",
-                                          code="unsupported_parameter")
             params = replace(params, grammar_type=constraint.grammar_type, grammar=constraint.grammar)
         return replace(valid, parameters=params)
 
@@ -265,12 +251,13 @@ class OpenAIRoutes:
         infer = ctx.state.infer
         with Permits(ctx.state) as permits:
             chat = parse_chat_request(body, ctx.limits)
+            note_user(request, chat.user)
             model = ctx.model_name(chat.model)
-            constraint = constraint_of(chat)
+            constraint = chat.constraint
             prompt = await ctx.render(chat)
             valid = await ctx.validate(prompt, chat.sampling, add_special_tokens=False,
                                        top_n=chat.top_logprobs, what="messages", constraint=constraint)
-            await check_constraint(chat, constraint)
+            await check_constraint(ctx.grammars, constraint)
             valids = per_choice(valid, chat.sampling.n)
             permits.cover(len(valids))
             shaper = ChatShaper(model, FINGERPRINT, ctx.tokens, include_usage=chat.sampling.include_usage,
@@ -294,6 +281,7 @@ class OpenAIRoutes:
         infer = ctx.state.infer
         with Permits(ctx.state) as permits:
             req = parse_completion_request(body, ctx.limits)
+            note_user(request, req.user)
             model = ctx.model_name(req.model)
             sampling = req.sampling
             score_only = sampling.max_tokens == 0  # echo + max_tokens 0: the prompt's logprobs only
@@ -356,7 +344,7 @@ class OpenAIRoutes:
     # ---------------------------------------------------------------------- models, tokenize
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self.ctx.model_card()]})
+        return web.json_response(ModelList(object="list", data=[self.ctx.model_card()]))
 
     async def model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
@@ -371,8 +359,7 @@ class OpenAIRoutes:
         prompt = await self.ctx.render(chat)
         self.ctx.state.infer.validator.refuse_certainly_too_long(prompt)
         tokens = await tokenize_with_offsets(self.ctx.state.tokenizer, prompt, add_special_tokens=False)
-        return web.json_response({
-            "tokenize_response": [{"id": i, "text": prompt[start:stop], "start": start, "stop": stop}
-                                  for i, start, stop in tokens],
-            "templated_text": prompt,
-        })
+        return web.json_response(ChatTokenizeResponse(
+            tokenize_response=[SimpleToken(id=i, text=prompt[start:stop], start=start, stop=stop)
+                               for i, start, stop in tokens],
+            templated_text=prompt))

@@ -1,5 +1,5 @@
 """Tool calls as text: the `<tool_call>\n{"name": …, "arguments": …}\n</tool_call>` blocks that a tool
-Constraint (router.grammar.builder) makes the model write, read back whole or as a stream, and written the
+Constraint (router.openai.constraints) makes the model write, read back whole or as a stream, and written the
 same way (`call_text`) when an earlier call is rendered for a template that knows no tool calls.
 Tool results come back inside `<tool_response>…</tool_response>` (the Hermes / Qwen convention)."""
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 from pytgi_proto import generate_pb2 as pb
 from router.errors import GenerationError
+from router.limits import Limits
 from router.metrics import Metrics
+from router.options import BY_NAME
 from router.request import Entry
 from router.scheduler.client import ShardedClient, ShardError
 from router.scheduler.kv import KVManager
@@ -26,21 +28,22 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class BatchLimits:
-    max_batch_prefill_tokens: int
-    max_batch_total_tokens: int
-    max_batch_size: int | None
-    waiting_served_ratio: float
-    max_waiting_tokens: int
-    support_chunking: bool
+class BatchPolicy:
+    """When waiting requests join a running batch (the sizes are the Limits')."""
+
+    waiting_served_ratio: float = BY_NAME["waiting_served_ratio"].default
+    max_waiting_tokens: int = BY_NAME["max_waiting_tokens"].default
+    support_chunking: bool = True  # the shards prefill in chunks (then nothing waits for a decode)
 
 
 class Batcher:
-    def __init__(self, client: ShardedClient, queue: Queue, kv: KVManager, limits: BatchLimits, metrics: Metrics):
+    def __init__(self, client: ShardedClient, queue: Queue, kv: KVManager, limits: Limits, metrics: Metrics,
+                 policy: BatchPolicy = BatchPolicy()):
         self.client = client
         self.queue = queue
         self.kv = kv
         self.limits = limits
+        self.policy = policy
         self.metrics = metrics
         self.running: dict[int, Entry] = {}
         self.cached: pb.CachedBatch | None = None
@@ -57,7 +60,7 @@ class Batcher:
                         break  # nothing could be scheduled: wait for a change
                 except Exception as error:  # a bug here must fail requests, not hang them all
                     log.exception("batcher step crashed")
-                    await self._fail_step([], ShardError("INTERNAL", f"router error: {error!r}"), "step")
+                    await self._fail_step(ShardError("INTERNAL", f"router error: {error!r}"), "step")
 
     async def step(self) -> bool:
         """One forward. Returns False when there was nothing to run."""
@@ -75,7 +78,7 @@ class Batcher:
             else:
                 return False
         except ShardError as error:
-            await self._fail_step(new.entries if new else [], error, method)
+            await self._fail_step(error, method)
             return True
         self.healthy = True
         filtering = time.monotonic()
@@ -107,9 +110,10 @@ class Batcher:
         limits = self.limits
         running = len(self.running)
         min_size = None
-        if running and not limits.support_chunking and self.waiting_steps < limits.max_waiting_tokens:
+        policy = self.policy
+        if running and not policy.support_chunking and self.waiting_steps < policy.max_waiting_tokens:
             # TGI without chunking: interrupt the running batch only for enough newcomers.
-            min_size = int(running * limits.waiting_served_ratio)
+            min_size = int(running * policy.waiting_served_ratio)
         max_size = None if limits.max_batch_size is None else limits.max_batch_size - running
         reserved = sum(len(e.allocation.blocks) for e in self.running.values()) * self.kv.block_size
         new = self.queue.next_batch(
@@ -127,9 +131,9 @@ class Batcher:
 
     def _concat_reason(self) -> str:
         """TGI's label for why new requests joined a running batch."""
-        if self.limits.support_chunking:
+        if self.policy.support_chunking:
             return "chunking"
-        return "wait_exceeded" if self.waiting_steps >= self.limits.max_waiting_tokens else "backpressure"
+        return "wait_exceeded" if self.waiting_steps >= self.policy.max_waiting_tokens else "backpressure"
 
     def _record_step(self, new_entries: list[Entry], updates: list[pb.RequestUpdate], start: float, end: float,
                      response) -> None:
@@ -181,7 +185,7 @@ class Batcher:
                 await self.client.clear_cache(self.cached.id)
                 self.cached = None
         except ShardError as error:
-            await self._fail_step([], error, "filter")
+            await self._fail_step(error, "filter")
 
     def _release(self, entry: Entry, kv_written: bool = True) -> None:
         """Give back the entry's blocks. `kv_written`: the steps it took part in all succeeded, so
@@ -197,17 +201,17 @@ class Batcher:
             entry.allocation = None
         self.queue.notify()
 
-    async def _fail_step(self, new_entries: list[Entry], error: ShardError, method: str) -> None:
-        """A failed step fails exactly the requests that were in it; the server stays up."""
+    async def _fail_step(self, error: ShardError, method: str) -> None:
+        """A failed step fails exactly the requests that were in it (admitted ones included:
+        `_admit` put them in `running`); the server stays up."""
         log.error("%s failed on a shard: %s", method, error)
         self.healthy = False
         self.metrics.step_failed(method)
         # The client learns that the step failed, not the shard's internals (socket paths,
         # exception text): those are in the log line above, and on the request's trace.
         failure = GenerationError(f"{method} failed on the model shards ({error.code})", detail=str(error))
-        failed = set(self.running) | {e.id for e in new_entries}
-        for entry in list(self.running.values()) + new_entries:
-            if entry.id in failed and not entry.finished:
+        for entry in list(self.running.values()):  # _release drops each from `running`
+            if not entry.finished:
                 entry.fail(failure)
             self._release(entry, kv_written=False)
         self.running.clear()

@@ -50,10 +50,6 @@ class KVManager:
         return self.allocator.num_blocks
 
     @property
-    def prefix_caching(self) -> bool:
-        return self.cache is not None
-
-    @property
     def num_free_blocks(self) -> int:
         """Blocks on the free list (cached-but-evictable blocks are reported by `num_evictable`)."""
         return self.allocator.num_free
@@ -103,15 +99,6 @@ class KVManager:
             self.prefix_hits += cache_len > 0
             self.prefix_queries += 1
         return Allocation(blocks=cached + fresh, cache_len=cache_len)
-
-    def extend(self, allocation: Allocation, num_tokens: int) -> bool:
-        """Grow `allocation` to cover `num_tokens` tokens; False (nothing changed) if out of blocks."""
-        self._check_live(allocation)
-        fresh = self._take(self.allocator.blocks_for(num_tokens) - len(allocation.blocks))
-        if fresh is None:
-            return False
-        allocation.blocks.extend(fresh)
-        return True
 
     def share_prompt(self, allocation: Allocation, prompt_ids: Sequence[int]) -> None:
         """Offer a request's prompt blocks to the prefix cache as soon as their K/V exist (its

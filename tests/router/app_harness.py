@@ -11,9 +11,9 @@ import asyncio
 from router.config import RouterConfig
 from router.events import Finish, TokenEvent, TokenInfo
 from router.infer import Infer
+from router.limits import Limits
 from router.metrics import Metrics
-from router.state import Limits
-from router.validation import ValidationLimits, Validator
+from router.validation import Validator
 
 
 def router_config(**overrides) -> RouterConfig:
@@ -31,7 +31,7 @@ def router_config(**overrides) -> RouterConfig:
 
 class GatedInfer(Infer):
     def __init__(self, tokenizer, tokens: int = 3):
-        validator = Validator(tokenizer, ValidationLimits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5,
+        validator = Validator(tokenizer, Limits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5,
                                                           max_input_tokens=1000, max_total_tokens=2048))
         super().__init__(validator, tokenizer, queue=None, metrics=Metrics(1000, 2048), max_concurrent_requests=8)
         self.tokens = tokens
@@ -63,8 +63,8 @@ class FakeState:
     def __init__(self, config: RouterConfig, tokenizer, infer: Infer):
         self.config, self.tokenizer, self.infer, self.metrics = config, tokenizer, infer, infer.metrics
         self.limits = Limits(max_input_tokens=1000, max_total_tokens=2048, max_batch_prefill_tokens=512,
-                             max_batch_total_tokens=4096, num_blocks=256, block_size=16)
-        self.vocab_size = tokenizer.vocab_size
+                             max_batch_total_tokens=4096, num_blocks=256, block_size=16,
+                             vocab_size=tokenizer.vocab_size)
         self.tracer = None
 
     def start(self) -> None:

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from pytgi_proto import generate_pb2 as pb
 from router.infer import Infer
+from router.limits import Limits
 from router.metrics import Metrics
-from router.scheduler.batcher import Batcher, BatchLimits
+from router.scheduler.batcher import Batcher, BatchPolicy
 from router.scheduler.client import ShardError
 from router.scheduler.kv import KVManager
 from router.scheduler.queue import Queue
@@ -113,9 +114,9 @@ def serving(engine, tokenizer, *, block_size: int = 4, num_tokens: int = 2048, s
     queue = Queue(kv, support_chunking=support_chunking)
     metrics = Metrics(512, 512)
     metrics.watch(kv, queue.__len__)
-    limits = BatchLimits(max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_total_tokens=num_tokens,
-                         max_batch_size=None, waiting_served_ratio=0.3, max_waiting_tokens=max_waiting_tokens,
-                         support_chunking=support_chunking)
-    batcher = Batcher(client, queue, kv, limits, metrics)
+    limits = Limits(max_input_tokens=num_tokens - 1, max_total_tokens=num_tokens,
+                    max_batch_prefill_tokens=max_batch_prefill_tokens, max_batch_total_tokens=num_tokens)
+    policy = BatchPolicy(max_waiting_tokens=max_waiting_tokens, support_chunking=support_chunking)
+    batcher = Batcher(client, queue, kv, limits, metrics, policy)
     infer = Infer(None, tokenizer, queue, metrics, max_concurrent_requests=64, tracer=tracer)
     return Serving(client, kv, queue, batcher, metrics, infer)

@@ -98,25 +98,25 @@ def test_find_cycle_accepts_a_dag():
 
 def test_imports_are_resolved_to_modules():
     known = {"router", "router.events", "router.request", "router.tracing", "router.grammar",
-             "router.grammar.builder", "router.grammar.validator"}
+             "router.grammar.native", "router.grammar.validator"}
     source = (
         "from __future__ import annotations\n"
         "from typing import TYPE_CHECKING\n"
         "import json\n"
         "from router import events\n"  # a module through its package
-        "from router.grammar import builder\n"
+        "from router.grammar import native\n"
         "from .validator import GrammarValidator\n"  # relative, a name in a module
         "from .. import tracing\n"  # two levels up
         "if TYPE_CHECKING:\n"
         "    from router.request import Entry\n"
         "def late():\n"
-        "    import router.grammar.builder\n"  # function level counts too
+        "    import router.grammar.native\n"  # function level counts too
     )
     found = imported_modules(source, "router.grammar.worker", False, known)
-    assert found == {"router.events", "router.grammar.builder", "router.grammar.validator", "router.tracing",
+    assert found == {"router.events", "router.grammar.native", "router.grammar.validator", "router.tracing",
                      "router.request"}
     # In a package's __init__, `.` is the package itself.
-    assert imported_modules("from .builder import x\n", "router.grammar", True, known) == {"router.grammar.builder"}
+    assert imported_modules("from .native import x\n", "router.grammar", True, known) == {"router.grammar.native"}
 
 
 def test_a_cycle_in_files_is_found(tmp_path):

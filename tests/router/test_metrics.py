@@ -175,10 +175,10 @@ def test_joining_a_running_batch_counts_tgi_batch_concat(engine, router_tokenize
 
 def test_failure_labels_follow_tgi():
     metrics = Metrics(16, 32)
-    for error_type in ("incomplete_generation", "incomplete_generation_stream", "template_error", "validation"):
+    for error_type in ("incomplete_generation", "template_error", "validation"):
         metrics.failure(error_type)
     text = metrics.render().decode()
-    assert scraped(text, "tgi_request_failure", err="incomplete") == 2
+    assert scraped(text, "tgi_request_failure", err="incomplete") == 1
     assert scraped(text, "tgi_request_failure", err="template") == 1
     assert scraped(text, "tgi_request_failure", err="validation") == 1
 

@@ -6,11 +6,13 @@ import pytest
 
 from router import tokenizer as tokenizer_module
 from router.errors import ValidationError
+from router.grammar.validator import GrammarValidator
+from router.limits import Limits
 from router.schemas import GenerateParameters, GenerateRequest, Grammar, parse_generate_request
 from router.tokenizer import Tokenizer
-from router.validation import ValidationLimits, Validator
+from router.validation import Validator
 
-LIMITS = ValidationLimits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=32,
+LIMITS = Limits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=32,
                           max_total_tokens=64)
 # 16 tokens with the SmolLM2 tokenizer ("one two ... sixteen": each word is one token).
 WORDS = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
@@ -158,7 +160,8 @@ def test_best_of_rules(validator):
     assert error(validator, best_of=2) == "you must use sampling when `best_of` is > 1"
     assert error(validator, best_of=2, temperature=0) == "you must use sampling when `best_of` is > 1"
     assert error(validator, best_of=2, do_sample=True, seed=1) == "`seed` must not be set when `best_of` > 1"
-    disabled = ValidationLimits(1, 4, 5, 32, 64)
+    disabled = Limits(max_best_of=1, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=32,
+                      max_total_tokens=64)
     assert error(validator, limits=disabled, best_of=2, do_sample=True) == (
         "`best_of` != 1 is not allowed for this endpoint")
     assert error(validator, limits=disabled, best_of=0) == "`best_of` != 1 is not allowed for this endpoint"
@@ -245,14 +248,13 @@ def test_truncate_longer_than_input(validator, router_tokenizer):
 
 
 def test_grammar_rejected_when_disabled(validator):
-    disabled = ValidationLimits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=32,
-                                max_total_tokens=64, disable_grammar_support=True)
+    disabled = Validator(validator.tokenizer, LIMITS, GrammarValidator(validator.tokenizer, disabled=True))
     for grammar in ({"type": "regex", "value": "[a-z]+"}, {"type": "json", "value": {"properties": {}}}):
-        assert error(validator, limits=disabled, **{"grammar": grammar}) == "grammar is not supported"
+        assert error(disabled, **{"grammar": grammar}) == "grammar is not supported"
     # ...also when built directly: never silently ignored
     request = GenerateRequest("hi", GenerateParameters(grammar=Grammar("regex", "a")))
     with pytest.raises(ValidationError, match="^Input validation error: grammar is not supported$"):
-        asyncio.run(Validator(validator.tokenizer, disabled).validate(request))
+        asyncio.run(disabled.validate(request))
 
 
 def test_grammar_is_validated_and_passed_on(validator):
@@ -270,7 +272,7 @@ def test_add_special_tokens_false(validator):
 
 def test_limits_check():
     with pytest.raises(ValueError, match="max_input_tokens"):
-        ValidationLimits(2, 4, 5, max_input_tokens=64, max_total_tokens=64)
+        Limits(max_input_tokens=64, max_total_tokens=64)
 
 
 def test_valid_request_is_frozen(validator):
@@ -319,7 +321,7 @@ def test_encode_chat_template_text_matches_transformers(router_tokenizer, hf_tok
 def test_tokenizer_facts(router_tokenizer, hf_tokenizer, smollm2_folder):
     tok = router_tokenizer
     assert (tok.bos_token, tok.eos_token) == (hf_tokenizer.bos_token, hf_tokenizer.eos_token)
-    assert (tok.bos_token_id, tok.eos_token_id) == (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id)
+    assert tok.eos_token_id == hf_tokenizer.eos_token_id
     assert tok.special_ids == frozenset(hf_tokenizer.all_special_ids)
     assert tok.is_special(2) and not tok.is_special(3) and not tok.is_special(905)
     assert tok.chat_template == (smollm2_folder / "chat_template.jinja").read_text()

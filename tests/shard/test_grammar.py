@@ -16,10 +16,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from pytgi_common.grammar import GrammarError
 from pytgi_proto import generate_pb2 as pb
 from pytgi_proto import generate_pb2_grpc
-from router.grammar.builder import GrammarError as RouterGrammarError
-from shard.grammar import GrammarError, GrammarMask, Grammars, step_mask
+from shard.grammar import GrammarMask, Grammars, step_mask
 from shard.model_source import resolve_model
 from tests.conftest import default_cache_dir, make_engine
 from tests.shard.helpers import BlockPool, chat, collect, generate, greedy_request, run_to_completion
@@ -411,7 +411,7 @@ def test_router_prepares_grammars_on_the_shards_over_grpc(engine, smol, gated_co
             assert engine.grammars.pins(pb.GRAMMAR_TYPE_REGEX, phone) == 0
             # A grammar the router compiles in time but the shard does not: rejected, for good.
             for _ in range(2):
-                with pytest.raises(RouterGrammarError, match="took longer than 2 s"):
+                with pytest.raises(GrammarError, match="took longer than 2 s"):
                     await asyncio.create_task(request(late))
         finally:
             validator.close()

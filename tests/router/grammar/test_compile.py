@@ -10,10 +10,10 @@ import time
 
 import pytest
 
+from pytgi_common.grammar import GrammarError, grammar_key
 from pytgi_proto import generate_pb2 as pb
 from router.errors import GenerationError, OverloadedError
-from router.grammar.builder import GrammarError
-from router.grammar.validator import GrammarValidator, grammar_key
+from router.grammar.validator import GrammarValidator
 from router.scheduler.client import ShardError
 
 REGEX = pb.GRAMMAR_TYPE_REGEX

@@ -1,29 +1,31 @@
-"""Router grammars: TGI's `grammar`, OpenAI response_format / tools → Constraint, compile checks
-(limits, timeout, cache), and reading tool calls back."""
+"""Router grammars: TGI's `grammar`, OpenAI response_format / tools → Constraint (parsed by
+router/openai/chat_fields.py, combined by router/openai/constraints.py), compile checks (limits,
+timeout, cache), and reading tool calls back."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from types import SimpleNamespace
 
 import pytest
 import xgrammar as xgr
 from xgrammar.testing import _is_grammar_accept_string as accepts
 
 import router.grammar.validator as rg
+from pytgi_common.grammar import JSON_SCHEMA_OPTIONS, GrammarError
 from pytgi_proto import generate_pb2 as pb
-from router.errors import ValidationError
-from router.grammar import worker
-from router.grammar.builder import (
-    Constraint, GrammarError, build_constraint, native_grammar, schema_text, tool_prompt,
-)
-from router.grammar.validator import GrammarNotSupported, GrammarValidator, constraint_for
+from router.errors import InvalidRequestError, ValidationError
+from router.grammar.native import native_grammar, schema_text
+from router.grammar.validator import GrammarNotSupported, GrammarValidator
+from router.limits import Limits
+from router.openai.constraints import Constraint, tool_prompt
+from router.openai.requests import ChatRequest, parse_chat_request
+from router.openai.routes import check_constraint
 from router.openai.tool_calls import ToolCallDelta, ToolCallParseError, ToolCallStream, parse_tool_call, split_tool_calls
 from router.schemas import parse_generate_request
-from router.validation import ValidationLimits, Validator
+from router.validation import Validator
 
-LIMITS = ValidationLimits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=32,
+LIMITS = Limits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=32,
                           max_total_tokens=64)
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
@@ -41,10 +43,22 @@ WEATHER_CALL = call("get_weather", '{"city": "Paris", "unit": "c"}')
 NOW_CALL = call("now", "{}")
 
 
-def chat(**fields) -> SimpleNamespace:
-    values = {"response_format": None, "tools": None, "tool_choice": None, "grammar": None}
-    values.update(fields)
-    return SimpleNamespace(**values)
+def chat(**fields) -> ChatRequest:
+    return parse_chat_request({"messages": [{"role": "user", "content": "hi"}], **fields}, LIMITS)
+
+
+def build_constraint(request: ChatRequest) -> Constraint | None:
+    return request.constraint
+
+
+def grammar_fields(c: Constraint) -> tuple[int, str, bool]:
+    return c.grammar_type, c.grammar, c.tool_call
+
+
+def constraint_for(request: ChatRequest, validator: GrammarValidator) -> Constraint | None:
+    """The request's constraint, compile-checked as the chat route checks it."""
+    asyncio.run(check_constraint(validator, request.constraint))
+    return request.constraint
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +77,7 @@ def grammar_of(constraint: Constraint):
         return xgr.Grammar.from_structural_tag(constraint.grammar)
     if constraint.grammar_type == pb.GRAMMAR_TYPE_REGEX:
         return xgr.Grammar.from_regex(constraint.grammar)
-    return xgr.Grammar.from_json_schema(constraint.grammar, **worker.JSON_SCHEMA_OPTIONS)
+    return xgr.Grammar.from_json_schema(constraint.grammar, **JSON_SCHEMA_OPTIONS)
 
 
 def allowed(constraint: Constraint, *texts: str) -> list[bool]:
@@ -189,13 +203,17 @@ def test_grammar_size_limit(router_tokenizer, grammars, monkeypatch):
 
 
 def test_disabled_grammar_support(router_tokenizer):
-    limits = ValidationLimits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5, max_input_tokens=32,
-                              max_total_tokens=64, disable_grammar_support=True)
-    validator = Validator(router_tokenizer, limits)
+    validator = Validator(router_tokenizer, LIMITS, GrammarValidator(router_tokenizer, disabled=True))
     assert reason(validator, grammar={"type": "regex", "value": "a"}) == "grammar is not supported"
-    with pytest.raises(GrammarNotSupported) as info:
-        run(constraint_for(chat(response_format={"type": "json_object"}), validator.grammar))
-    assert info.value.param == "response_format" and info.value.message == "grammar is not supported"
+    with pytest.raises(GrammarNotSupported):
+        run(validator.grammar.check(pb.GRAMMAR_TYPE_REGEX, "a"))
+    for fields, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                          ({"grammar": {"type": "regex", "value": "a"}}, "grammar"),
+                          ({"tools": TOOLS}, "tools")):
+        with pytest.raises(InvalidRequestError) as info:
+            constraint_for(chat(**fields), validator.grammar)
+        assert info.value.param == param and info.value.code == "unsupported_parameter"
+        assert info.value.message.startswith(f"'{param}' is not supported by this server")
 
 
 # ------------------------------------------------------------------------ compile machinery
@@ -241,12 +259,6 @@ def test_event_loop_keeps_running_during_a_real_slow_compile(router_tokenizer):
         validator.close()
 
 
-def test_compile_options_match_the_shard():
-    from shard.grammar import JSON_SCHEMA_OPTIONS
-
-    assert worker.JSON_SCHEMA_OPTIONS == JSON_SCHEMA_OPTIONS
-
-
 # ---------------------------------------------------------------- OpenAI → Constraint
 
 
@@ -258,15 +270,15 @@ def test_no_constraint():
 
 
 def test_json_object(grammars):
-    c = run(constraint_for(chat(response_format={"type": "json_object"}), grammars))
+    c = constraint_for(chat(response_format={"type": "json_object"}), grammars)
     assert c.grammar_type == pb.GRAMMAR_TYPE_JSON and not c.tool_call
     assert allowed(c, '{"anything": [1, 2]}', "[1]", '"x"', "text") == [True, False, False, False]
 
 
 def test_json_schema(grammars):
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER, "strict": True}}
-    c = run(constraint_for(chat(response_format=fmt), grammars))
-    assert c == Constraint(pb.GRAMMAR_TYPE_JSON, schema_text(ANSWER), False)
+    c = constraint_for(chat(response_format=fmt), grammars)
+    assert grammar_fields(c) == (pb.GRAMMAR_TYPE_JSON, schema_text(ANSWER), False)
     assert allowed(c, '{"answer": 42}', '{"answer": "x"}') == [True, False]
     # No schema: any object.
     c = build_constraint(chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}))
@@ -278,55 +290,40 @@ def test_tgi_shapes_in_response_format_and_grammar():
               build_constraint(chat(grammar={"type": "json", "value": ANSWER})),
               build_constraint(chat(response_format={"type": "json_object", "value": ANSWER})),
               build_constraint(chat(response_format={"type": "json_schema", "value": {"schema": ANSWER}}))):
-        assert c == Constraint(pb.GRAMMAR_TYPE_JSON, schema_text(ANSWER), False)
+        assert grammar_fields(c) == (pb.GRAMMAR_TYPE_JSON, schema_text(ANSWER), False)
     c = build_constraint(chat(response_format={"type": "regex", "value": "(yes|no)"}))
-    assert c == Constraint(pb.GRAMMAR_TYPE_REGEX, "(yes|no)", False)
+    assert grammar_fields(c) == (pb.GRAMMAR_TYPE_REGEX, "(yes|no)", False)
 
 
 @pytest.mark.parametrize("fields, param, message", [
-    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "json_schema"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"schema": ANSWER}}},
-     "response_format.json_schema.name", "name"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
-     "response_format.json_schema.schema", "JSON object"),
-    ({"response_format": {"type": "yaml"}}, "response_format.type", "unknown response_format type `yaml`"),
-    ({"response_format": {}}, "response_format.type", "type"),
-    ({"response_format": "json"}, "response_format", "must be an object"),
-    ({"response_format": {"type": "regex"}}, "response_format.value", "value"),
-    ({"grammar": {"type": "regex", "value": "a"}, "response_format": {"type": "json_object"}}, "grammar", "both"),
-    ({"tools": TOOLS, "tool_choice": "missing"}, "tool_choice", "`missing`, which is not in `tools` (get_weather, now)"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "`nope`"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice", "must be"),
-    ({"tools": TOOLS, "tool_choice": 3}, "tool_choice", "string or an object"),
-    ({"tool_choice": "required"}, "tool_choice", "no `tools`"),
-    ({"tools": {"a": 1}}, "tools", "array"),
-    ({"tools": [{"type": "function"}]}, "tools[0].function", "function"),
-    ({"tools": [{"type": "retrieval", "function": {"name": "x"}}]}, "tools[0].type", "only `function`"),
-    ({"tools": [NOARGS, {"function": {"description": "no name"}}]}, "tools[1].function.name", "name"),
-    ({"tools": [{"function": {"name": "has space"}}]}, "tools[0].function.name", "invalid tool name"),
-    ({"tools": [NOARGS, NOARGS]}, "tools[1].function.name", "two tools are named `now`"),
-    ({"tools": [{"function": {"name": "f", "parameters": "x"}}]}, "tools[0].function.parameters", "JSON schema"),
+    # The shapes' own rules are tests/router/openai/test_requests.py's; these are TGI's values.
+    ({"grammar": {"type": "json", "value": "{not json"}}, "grammar.value", "the JSON schema is not valid JSON"),
+    ({"grammar": {"type": "json_schema", "value": {"name": "x"}}}, "grammar.value", "an object with a `schema`"),
+    ({"response_format": {"type": "json", "value": [1]}}, "response_format.value", "must be a JSON object"),
+    ({"response_format": {"type": "regex", "value": 3}}, "response_format.value", "a regular expression string"),
 ])
-def test_errors_name_the_parameter(fields, param, message):
-    with pytest.raises(GrammarError) as info:
-        build_constraint(chat(**fields))
-    assert isinstance(info.value, ValueError)
+def test_tgi_shaped_values_are_checked_where_they_are_parsed(fields, param, message):
+    with pytest.raises(InvalidRequestError) as info:
+        chat(**fields)
     assert info.value.param == param and message in info.value.message
 
 
 def test_bad_schema_is_reported_on_its_parameter(grammars):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
-    with pytest.raises(GrammarError, match="Unsupported type") as info:
-        run(constraint_for(chat(response_format=fmt), grammars))
-    assert info.value.param == "response_format"
+    with pytest.raises(InvalidRequestError, match="Unsupported type") as info:
+        constraint_for(chat(response_format=fmt), grammars)
+    assert info.value.param == "response_format" and info.value.code == "invalid_value"
+    with pytest.raises(InvalidRequestError, match="Unsupported type") as info:
+        constraint_for(chat(grammar={"type": "json", "value": {"type": "nope"}}), grammars)
+    assert info.value.param == "grammar"
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nope"}}}]
-    with pytest.raises(GrammarError) as info:
-        run(constraint_for(chat(tools=tools, tool_choice="required"), grammars))
+    with pytest.raises(InvalidRequestError) as info:
+        constraint_for(chat(tools=tools, tool_choice="required"), grammars)
     assert info.value.param == "tools"
 
 
 def test_required_forces_calls_of_the_tools(grammars):
-    c = run(constraint_for(chat(tools=TOOLS, tool_choice="required"), grammars))
+    c = constraint_for(chat(tools=TOOLS, tool_choice="required"), grammars)
     assert c.grammar_type == pb.GRAMMAR_TYPE_STRUCTURAL_TAG and c.tool_call
     # Calls come back to back: a newline after a call would not be a choice to end or go on.
     assert allowed(c, WEATHER_CALL, NOW_CALL, WEATHER_CALL + NOW_CALL, WEATHER_CALL + "\n" + NOW_CALL, "Sure!", "",
@@ -337,8 +334,8 @@ def test_required_forces_calls_of_the_tools(grammars):
 
 
 def test_named_tool_choice(grammars):
-    for choice in ("now", {"type": "function", "function": {"name": "now"}}, {"type": "function", "name": "now"}):
-        c = run(constraint_for(chat(tools=TOOLS, tool_choice=choice), grammars))
+    for choice in ("now", {"type": "function", "function": {"name": "now"}}):
+        c = constraint_for(chat(tools=TOOLS, tool_choice=choice), grammars)
         assert c.tool_call and allowed(c, NOW_CALL, WEATHER_CALL, "hi", NOW_CALL + NOW_CALL) == [
             True, False, False, False]
 
@@ -351,7 +348,8 @@ def test_a_single_call_ends_the_grammar(smollm2_folder, fields):
     finishes the request there (GrammarState.complete) instead of generating to max_tokens."""
     from transformers import AutoTokenizer
 
-    from shard.grammar import GrammarState, tokenizer_info
+    from pytgi_common.grammar import tokenizer_info
+    from shard.grammar import GrammarState
 
     hf = AutoTokenizer.from_pretrained(smollm2_folder)
     eos = hf.convert_tokens_to_ids("<|im_end|>")
@@ -365,8 +363,8 @@ def test_a_single_call_ends_the_grammar(smollm2_folder, fields):
 
 
 def test_auto_allows_text_or_a_tool_call(grammars):
-    for c in (run(constraint_for(chat(tools=TOOLS), grammars)),
-              run(constraint_for(chat(tools=TOOLS, tool_choice="auto"), grammars))):
+    for c in (constraint_for(chat(tools=TOOLS), grammars),
+              constraint_for(chat(tools=TOOLS, tool_choice="auto"), grammars)):
         assert c.grammar_type == pb.GRAMMAR_TYPE_STRUCTURAL_TAG and c.tool_call
         assert allowed(c, "The weather is fine.", "", WEATHER_CALL, "Let me check.\n" + WEATHER_CALL,
                        "text <tool_call>\nnot json", call("other", "{}")) == [True, True, True, True, False, False]
@@ -377,25 +375,16 @@ def test_auto_allows_text_or_a_tool_call(grammars):
 
 def test_auto_with_response_format_applies_it_to_content(grammars):
     fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}}
-    c = run(constraint_for(chat(tools=TOOLS, response_format=fmt), grammars))
+    c = constraint_for(chat(tools=TOOLS, response_format=fmt), grammars)
     assert c.tool_call
     assert allowed(c, '{"answer": 4}', WEATHER_CALL, "free text", '{"answer": "x"}') == [True, True, False, False]
-    c = run(constraint_for(chat(tools=TOOLS, response_format={"type": "regex", "value": "(yes|no)"}), grammars))
+    c = constraint_for(chat(tools=TOOLS, response_format={"type": "regex", "value": "(yes|no)"}), grammars)
     assert allowed(c, "yes", NOW_CALL, "maybe") == [True, True, False]
     # tool_choice none: only the response format; required: only calls.
     c = build_constraint(chat(tools=TOOLS, tool_choice="none", response_format=fmt))
-    assert c == Constraint(pb.GRAMMAR_TYPE_JSON, schema_text(ANSWER), False)
+    assert grammar_fields(c) == (pb.GRAMMAR_TYPE_JSON, schema_text(ANSWER), False)
     c = build_constraint(chat(tools=TOOLS, tool_choice="required", response_format=fmt))
     assert allowed(c, '{"answer": 4}', NOW_CALL) == [False, True]
-
-
-def test_constraint_for_uses_the_default_validator(grammars, monkeypatch):
-    monkeypatch.setattr(rg, "_default", None)
-    rg.set_default(grammars)  # the app's (AppState.build registers its validator's)
-    assert rg.get_default() is grammars
-    before = grammars.compiles + grammars.hits
-    run(constraint_for(chat(response_format={"type": "json_object"})))
-    assert grammars.compiles + grammars.hits == before + 1
 
 
 # ------------------------------------------------------------------------ tool-call output
@@ -426,8 +415,13 @@ def test_parse_tool_call_errors(text, message):
 
 
 def test_tool_prompt_names_the_tools_and_the_format():
-    prompt = tool_prompt(TOOLS)
+    tools = chat(tools=TOOLS).tools
+    prompt = tool_prompt(tools)
     assert "get_weather" in prompt and '"name": "now"' in prompt and "<tool_call>" in prompt
+    assert prompt.startswith("You may call one or more of these functions:")
+    # TGI's `tool_prompt` leads instead; the call format the grammar enforces is always stated.
+    led = tool_prompt(tools, "Pick a function.")
+    assert led.startswith("Pick a function.\n<tools>") and "<tool_call>" in led
 
 
 @pytest.mark.parametrize("separator", ["\n", ""])  # "": back to back, as the grammar writes them

@@ -14,8 +14,9 @@ import pytest
 from router.app import create_app
 from router.errors import ContextLengthError, ValidationError
 from router.http.server import make_runner
+from router.limits import Limits
 from router.schemas import parse_generate_request
-from router.validation import ValidationLimits, Validator
+from router.validation import Validator
 from tests.router.app_harness import FakeState, GatedInfer, router_config
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -119,7 +120,7 @@ def test_slow_body_gets_408(router_tokenizer):
 
 @pytest.fixture
 def validator(router_tokenizer):
-    return Validator(router_tokenizer, ValidationLimits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5,
+    return Validator(router_tokenizer, Limits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5,
                                                         max_input_tokens=4095, max_total_tokens=4096))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -14,16 +13,17 @@ from openapi_spec_validator import validate as validate_spec
 
 from router.app import create_app
 from router.errors import InvalidRequestError, OverloadedError, RouterError, UnhealthyError, ValidationError
-from router.http.docs import ASSETS, api_limits
+from router.http.docs import ASSETS
 from router.http.openapi import DOCUMENT_PATH, ROUTE_FAMILIES, build_document
-from router.http.openapi_schemas import INTEGER_KINDS, ApiLimits
+from router.http.openapi_schemas import INTEGER_KINDS
+from router.limits import MAX_N, Limits
 from router.openai.chat_fields import _FUNCTION_NAME, RESPONSE_FORMATS
-from router.openai.requests import MAX_N, OpenAILimits, parse_chat_request, parse_completion_request
+from router.openai.requests import parse_chat_request, parse_completion_request
 from router.schemas import _PARAMETER_FIELDS, GRAMMAR_TYPES, GenerateParameters, parse_generate_request
 from router.state import VERSION
 from tests.router.openai.test_routes import ScriptedInfer, State, config
 
-LIMITS = ApiLimits(
+LIMITS = Limits(
     max_best_of=2,
     max_stop_sequences=4,
     max_top_n_tokens=5,
@@ -87,7 +87,7 @@ def test_openai_constants_are_the_parser_s():
     assert {
         kind for variant in chat["response_format"]["oneOf"] for kind in variant["properties"]["type"]["enum"]
     } == set(RESPONSE_FORMATS)
-    assert chat["n"]["maximum"] == MAX_N
+    assert chat["n"]["maximum"] == MAX_N == LIMITS.max_n
 
 
 def test_error_responses_use_the_envelope_of_the_route_family():
@@ -125,9 +125,9 @@ def test_the_error_classes_match_the_documented_envelopes(error):
 
 
 def test_documented_request_bodies_parse_and_parsed_bodies_validate():
-    openai_limits = OpenAILimits(
+    openai_limits = Limits(
         max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=LIMITS.vocab_size,
-        max_input_tokens=1024,
+        max_input_tokens=1024, max_total_tokens=2048,
     )
     generate = {
         "inputs": "Hi",
@@ -192,13 +192,11 @@ def test_documented_request_bodies_parse_and_parsed_bodies_validate():
 
 
 class DocsState(State):
-    """The OpenAI tests' AppState stand-in, with the warmup limits the document reads."""
+    """The OpenAI tests' AppState stand-in, with the limits the document reads."""
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer, ScriptedInfer(tokenizer, [[("token", "x")]]))
-        self.limits = SimpleNamespace(
-            max_input_tokens=LIMITS.max_input_tokens, max_total_tokens=LIMITS.max_total_tokens
-        )
+        self.limits = LIMITS
 
 
 def serve(router_tokenizer, scenario, **overrides):
@@ -239,5 +237,4 @@ def test_docs_page_assets_and_document_are_served_and_public(router_tokenizer):
         return await document.json()
 
     document = serve(router_tokenizer, scenario, api_key="secret")
-    limits = api_limits(DocsState(config(), router_tokenizer))
-    assert document == build_document(limits, VERSION, tuple(ASSETS))
+    assert document == build_document(LIMITS, VERSION, tuple(ASSETS))  # from the state's limits

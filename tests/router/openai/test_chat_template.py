@@ -8,11 +8,12 @@ import asyncio
 import pytest
 
 from router.errors import TemplateError
+from router.limits import Limits
 from router.openai.chat_template import ChatTemplate
-from router.openai.requests import OpenAILimits, parse_chat_request
+from router.openai.requests import parse_chat_request
 
-LIMITS = OpenAILimits(max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=49152,
-                      max_input_tokens=4096)
+LIMITS = Limits(max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=49152,
+                      max_input_tokens=4096, max_total_tokens=8192)
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
@@ -190,16 +191,12 @@ def test_text_and_several_calls_and_results(template):
 
 def test_rendered_call_is_what_the_grammar_accepts():
     """The text a past call is rendered as is the text a tool constraint makes the model write."""
-    from types import SimpleNamespace
-
     from xgrammar import Grammar
     from xgrammar.testing import _is_grammar_accept_string as accepts
 
-    from router.grammar.builder import build_constraint
-
-    request = SimpleNamespace(tools=TOOLS, tool_choice="required", response_format=None, grammar=None,
-                              parallel_tool_calls=None)
-    grammar = Grammar.from_structural_tag(build_constraint(request).grammar)
+    request = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS,
+                                  "tool_choice": "required"}, LIMITS)
+    grammar = Grammar.from_structural_tag(request.constraint.grammar)
     assert accepts(grammar, CALL_TEXT) and accepts(grammar, CALL_TEXT + CALL_TEXT)
 
 

@@ -14,15 +14,16 @@ import pytest
 
 from router.errors import InvalidRequestError
 from router.events import Finish, TokenEvent, TokenInfo
+from router.limits import Limits
 from router.openai import reasoning
 from router.openai.chat_template import ChatTemplate
 from router.openai.reasoning import ReasoningStream, split_reasoning
-from router.openai.requests import OpenAILimits, parse_chat_request
+from router.openai.requests import parse_chat_request
 from router.openai.responses import ChatShaper, Choice
 from tests.router.openai.test_routes import MESSAGES, run, sse
 
-LIMITS = OpenAILimits(max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=49152,
-                      max_input_tokens=4096)
+LIMITS = Limits(max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=49152,
+                      max_input_tokens=4096, max_total_tokens=8192)
 
 # Qwen3's shape: the generation prompt is open; `enable_thinking: false` closes an empty think block.
 THINK_TEMPLATE = (

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from router.errors import ContextLengthError, InvalidRequestError, RouterError, ValidationError
+from router.limits import Limits
 from router.openai.choices import per_choice
-from router.openai.requests import OpenAILimits, Sampling, parse_chat_request, parse_completion_request
+from router.openai.constraints import ToolChoice
+from router.openai.requests import Sampling, parse_chat_request, parse_completion_request
 from router.openai.routes import context_error, generate_parameters
+from router.schemas import GenerateRequest
+from router.validation import Validator
 from tests.router.helpers import valid_request
 
-LIMITS = OpenAILimits(max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=1000,
-                      max_input_tokens=64)
+LIMITS = Limits(max_stop_sequences=4, max_top_n_tokens=5, max_client_batch_size=4, vocab_size=1000,
+                      max_input_tokens=64, max_total_tokens=128)
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -118,7 +124,6 @@ CHAT_RULES = [
     ({"logit_bias": {"1": "x"}}, "logit_bias", "between -100 and 100"),
     ({"stop": 3}, "stop", "a string or an array of strings"),
     ({"stop": ["a", 1]}, "stop", "a string or an array of strings"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop sequences are allowed (--max-stop-sequences), but got 5"),
     ({"seed": "1"}, "seed", "expected an integer"),
     ({"seed": 2**64}, "seed", "between"),
     ({"n": 0}, "n", "between 1 and 8"),
@@ -182,16 +187,21 @@ def test_body_must_be_an_object():
 def test_tools_shapes_accepted():
     request = chat(tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
                    tool_choice="none")
-    assert request.tool_choice == "none" and not request.needs_constraint
+    assert request.tool_choice == ToolChoice("none") and request.constraint is None
+    assert request.tools[0].name == "get_weather" and request.tool_specs == [request.tools[0].spec]
     named = chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="f")  # TGI: a bare name
-    assert named.tool_choice == {"type": "function", "function": {"name": "f"}} and named.needs_constraint
-    assert chat(tools=[{"type": "function", "function": {"name": "f"}}]).needs_constraint  # auto by default
-    assert not chat(response_format={"type": "text"}).needs_constraint
+    assert named.tool_choice == ToolChoice("named", "f") and named.constraint.tool_call
+    assert named.tools[0].parameters == {"type": "object", "properties": {}}  # none given: no arguments
+    auto = chat(tools=[{"type": "function", "function": {"name": "f"}}])  # auto by default
+    assert auto.tool_choice == ToolChoice("auto") and auto.constraint.free_text
+    assert chat(tool_choice="auto").tool_choice == ToolChoice("none")  # nothing to call
+    assert chat(response_format={"type": "text"}).constraint is None
     for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": True}},
                 {"type": "json", "value": {"type": "object"}}, {"type": "json_object", "value": {}},
                 {"type": "regex", "value": "[0-9]+"}):
-        assert chat(response_format=fmt).needs_constraint
-    assert chat(grammar={"type": "json", "value": {}}).needs_constraint
+        constraint = chat(response_format=fmt).constraint
+        assert constraint.param == "response_format" and not constraint.tool_call
+    assert chat(grammar={"type": "json", "value": {}}).constraint.param == "grammar"
 
 
 # ---------------------------------------------------------------------------- completions
@@ -246,11 +256,22 @@ def test_generate_parameters_mapping():
     assert sampled.min_p is None and sampled.top_n_tokens == 2 and sampled.max_new_tokens is None
     default = generate_parameters(Sampling(), top_n=0)
     assert default.do_sample and default.temperature is None  # OpenAI default: temperature 1 with sampling
-    for greedy in (Sampling(temperature=0.0, top_k=5), Sampling(top_p=0.0)):
-        params = generate_parameters(greedy, top_n=0)
-        assert params.temperature == 0.0 and not params.do_sample and params.top_k is None and params.top_p is None
     assert generate_parameters(Sampling(max_tokens=0), top_n=0).max_new_tokens == 1  # echo scoring runs one step
     assert generate_parameters(Sampling(stop=("a",)), top_n=0).stop == ["a"]
+
+
+def test_openai_greedy_is_what_the_validator_resolves(router_tokenizer):
+    """temperature 0 and top_p 0 are argmax: the mapping says temperature 0 and the validator (the
+    one greedy rule, pytgi_common/sampling.py) turns every warper off and reports no seed."""
+    validator = Validator(router_tokenizer, LIMITS)
+    for greedy in (Sampling(temperature=0.0, top_k=5), Sampling(top_p=0.0), Sampling(temperature=1e-7)):
+        params = generate_parameters(greedy, top_n=0)
+        assert params.top_p is None
+        p = asyncio.run(validator.validate(GenerateRequest(inputs="hi", parameters=params))).parameters
+        assert not p.do_sample and (p.temperature, p.top_k, p.top_p, p.seed) == (1.0, 0, 1.0, None)
+    sampled = generate_parameters(Sampling(temperature=0.5, top_k=5), top_n=0)
+    p = asyncio.run(validator.validate(GenerateRequest(inputs="hi", parameters=sampled))).parameters
+    assert p.do_sample and (p.temperature, p.top_k) == (0.5, 5)
 
 
 def test_per_choice_seeds():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -14,9 +15,9 @@ from router.config import RouterConfig
 from router.errors import GenerationError
 from router.events import ErrorEvent, Finish, TokenEvent, TokenInfo
 from router.infer import Infer
+from router.limits import Limits
 from router.metrics import Metrics
-from router.state import Limits
-from router.validation import ValidationLimits, Validator
+from router.validation import Validator
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -39,7 +40,7 @@ class ScriptedInfer(Infer):
     ("hang", None) steps, or "hang" (never starts). Records which streams were closed before their end."""
 
     def __init__(self, tokenizer, scripts, permits=8):
-        validator = Validator(tokenizer, ValidationLimits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5,
+        validator = Validator(tokenizer, Limits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5,
                                                           max_input_tokens=1000, max_total_tokens=2048))
         super().__init__(validator, tokenizer, queue=None, metrics=Metrics(1000, 2048), max_concurrent_requests=permits)
         self.scripts = list(scripts)
@@ -78,8 +79,8 @@ class State:
     def __init__(self, cfg, tokenizer, infer):
         self.config, self.tokenizer, self.infer, self.metrics = cfg, tokenizer, infer, infer.metrics
         self.limits = Limits(max_input_tokens=1000, max_total_tokens=2048, max_batch_prefill_tokens=512,
-                             max_batch_total_tokens=4096, num_blocks=256, block_size=16)
-        self.vocab_size = tokenizer.vocab_size
+                             max_batch_total_tokens=4096, num_blocks=256, block_size=16,
+                             vocab_size=tokenizer.vocab_size)
 
     def start(self):
         pass
@@ -213,3 +214,51 @@ def test_api_key_envelope_only_on_openai_paths(router_tokenizer):
     status, body, tgi_status, tgi_body = run(router_tokenizer, [[("token", "x")]], scenario, api_key="k")
     assert status == 401 and body["error"]["type"] == "authentication_error" and body["error"]["code"] == "invalid_api_key"
     assert tgi_status == 401 and tgi_body == {"error": "Unauthorized", "error_type": "authentication"}
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def test_tool_prompt_leads_the_tools_description(router_tokenizer):
+    """TGI's `tool_prompt` replaces the built-in lead of the tools' description (SmolLM2's template
+    does not show tools, so the description goes into the system message); the call format the
+    grammar enforces is stated either way. Without tools it changes nothing."""
+    async def scenario(client, infer):
+        texts = []
+        for extra in ({}, {"tool_prompt": "Use exactly one of these."}, {"tool_prompt": "Unused.", "tools": None}):
+            body = {"messages": MESSAGES, "tools": TOOLS, **extra}
+            response = await client.post("/chat_tokenize", json={k: v for k, v in body.items() if v is not None})
+            assert response.status == 200, await response.text()
+            texts.append((await response.json())["templated_text"])
+        return texts
+
+    default, led, no_tools = run(router_tokenizer, [[("token", "x")]], scenario)
+    assert "You may call one or more of these functions:\n<tools>" in default and "Use exactly" not in default
+    assert "Use exactly one of these.\n<tools>" in led and "You may call" not in led
+    assert "<tool_call>" in led and "get_weather" in led
+    assert "Unused." not in no_tools and "<tools>" not in no_tools
+
+
+def test_user_is_on_the_access_line(router_tokenizer, caplog):
+    caplog.set_level(logging.INFO, logger="router.app")
+
+    async def scenario(client, infer):
+        for body in ({"messages": MESSAGES, "user": "user-42\n" + "x" * 300}, {"messages": MESSAGES}):
+            response = await client.post("/v1/chat/completions", json=body)
+            assert response.status == 200
+
+    run(router_tokenizer, [[("token", "x")]], scenario)
+    lines = [r.getMessage() for r in caplog.records if r.name == "router.app" and "/v1/chat" in r.getMessage()]
+    assert len(lines) == 2
+    assert lines[0].endswith(" user=" + repr("user-42\n" + "x" * 120)) and "user=" not in lines[1]
+
+
+def test_stop_count_is_the_validators_rule_with_its_param(router_tokenizer):
+    """One rule for both APIs (router/validation.py); the OpenAI answer names the field."""
+    async def scenario(client, infer):
+        response = await client.post("/v1/chat/completions", json={"messages": MESSAGES, "stop": list("abcde")})
+        return response.status, await response.json()
+
+    status, body = run(router_tokenizer, [[("token", "x")]], scenario)
+    assert status == 400 and body["error"]["param"] == "stop"
+    assert body["error"]["message"] == "`stop` supports up to 4 stop sequences. Given: 5"

@@ -7,10 +7,11 @@ import asyncio
 
 import pytest
 
-from router.events import ErrorEvent
+from router.events import ErrorEvent, TokenEvent
+from router.limits import Limits
 from router.metrics import Metrics
 from router.request import Entry
-from router.scheduler.batcher import Batcher, BatchLimits
+from router.scheduler.batcher import Batcher
 from router.scheduler.kv import KVManager
 from router.scheduler.queue import Queue
 from tests.conftest import make_engine, save_tiny
@@ -31,8 +32,8 @@ def harness(tiny, router_tokenizer):
     client = EngineClient(engine)
     kv = KVManager(2048 // BS + 1, BS, prefix_caching=True)
     queue = Queue(kv, support_chunking=True)
-    limits = BatchLimits(max_batch_prefill_tokens=16, max_batch_total_tokens=2048, max_batch_size=None,
-                         waiting_served_ratio=0.3, max_waiting_tokens=20, support_chunking=True)
+    limits = Limits(max_input_tokens=1024, max_total_tokens=2048, max_batch_prefill_tokens=16,
+                    max_batch_total_tokens=2048)
     batcher = Batcher(client, queue, kv, limits, Metrics(512, 512))
     counter = iter(range(10_000))
 
@@ -50,13 +51,17 @@ async def drain(batcher: Batcher) -> None:
             break
 
 
-def tokens(entry: Entry) -> list[int]:
+def token_events(entry: Entry) -> list[TokenEvent]:
     out = []
     while not entry.events.empty():
         event = entry.events.get_nowait()
         assert not isinstance(event, ErrorEvent), event
-        out.append(event.token.id)
+        out.append(event)
     return out
+
+
+def tokens(entry: Entry) -> list[int]:
+    return [event.token.id for event in token_events(entry)]
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -91,22 +96,24 @@ def test_long_prompt_is_chunked(harness, tiny):
     assert got == whole
 
 
-def test_stop_string_finishes_and_filters(harness, router_tokenizer):
+def test_stop_string_finishes_and_filters(harness):
     batcher, client, kv, submit = harness
     free_run = submit(prompt(3, 6), max_new_tokens=8)
     asyncio.run(drain(batcher))
-    ids = tokens(free_run)
-    text = router_tokenizer.decode(ids, False)
-    stop = text[len(text) // 2 : len(text) // 2 + 2]
-    if not stop.strip():
-        pytest.skip("generated text too short for a stop string")
+    free = token_events(free_run)
+    texts = ["".join(e.text for e in free[:n]) for n in range(len(free) + 1)]
+    # The stop string: the text the first visible token from the third on adds.
+    added = [(n, texts[n][len(texts[n - 1]):]) for n in range(3, len(free) + 1)]
+    stop = next((text for _, text in added if text.strip()), None)
+    assert stop is not None, f"no visible text to stop on in {texts[-1]!r}"
+    ends = next(n for n in range(1, len(free) + 1) if stop in texts[n])  # where it first appears
     stopped = submit(prompt(3, 6), max_new_tokens=8, stop=(stop,))
     other = submit(prompt(4, 6), max_new_tokens=8)
     asyncio.run(drain(batcher))
-    got = tokens(stopped)
-    assert len(got) < len(ids) and ids[: len(got)] == got
-    assert len(tokens(other)) == 8
-    assert "filter" in client.calls
+    got = token_events(stopped)
+    assert [e.token.id for e in got] == [e.token.id for e in free[:ends]]
+    assert got[-1].finish.finish_reason == "stop_sequence"  # TGI keeps the stop text: include_stop
+    assert len(tokens(other)) == 8 and "filter" in client.calls
 
 
 def test_cancelled_request_leaves_the_batch(harness):

@@ -10,8 +10,9 @@ import pytest
 from router.errors import RequestTimeoutError
 from router.events import ErrorEvent
 from router.infer import Infer
+from router.limits import Limits
 from router.metrics import Metrics
-from router.scheduler.batcher import Batcher, BatchLimits
+from router.scheduler.batcher import Batcher
 from router.scheduler.kv import KVManager
 from router.scheduler.queue import Queue
 from tests.conftest import make_engine, save_tiny
@@ -40,9 +41,9 @@ def run_with_deadline(tiny, router_tokenizer, timeout: float, max_new_tokens: in
         kv = KVManager(2048 // BS + 1, BS, prefix_caching=False)
         queue = Queue(kv, support_chunking=True)
         metrics = Metrics(512, 512)
-        batcher = Batcher(SlowClient(engine), queue, kv, BatchLimits(
-            max_batch_prefill_tokens=64, max_batch_total_tokens=2048, max_batch_size=None,
-            waiting_served_ratio=0.3, max_waiting_tokens=20, support_chunking=True), metrics)
+        batcher = Batcher(SlowClient(engine), queue, kv, Limits(
+            max_input_tokens=1024, max_total_tokens=2048, max_batch_prefill_tokens=64,
+            max_batch_total_tokens=2048), metrics)
         infer = Infer(None, router_tokenizer, queue, metrics, 8, request_timeout=timeout)
         free = kv.num_free_blocks
         task = asyncio.create_task(batcher.run())

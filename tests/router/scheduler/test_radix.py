@@ -260,30 +260,24 @@ def test_kv_failed_allocation_holds_nothing():
     assert kv.num_free_blocks == 5
 
 
-def test_kv_extend_and_release_guards():
+def test_kv_release_guards():
     kv = KVManager(num_blocks=8, block_size=BS, prefix_caching=True)
-    a = kv.allocate([1, 2, 3], 4)
-    assert a.blocks == [1]
-    assert kv.extend(a, 4) and a.blocks == [1]
-    assert kv.extend(a, 9) and a.blocks == [1, 2, 3]
-    assert not kv.extend(a, 100) and a.blocks == [1, 2, 3]
+    assert kv.allocate([1, 2, 3], 100) is None  # more blocks than exist: nothing taken
+    a = kv.allocate([1, 2, 3], 9)
+    assert a.blocks == [1, 2, 3]
     kv.release(a, [7] * 100)  # tokens beyond the blocks' capacity are ignored
     assert kv.num_cached_blocks == 3
     with pytest.raises(ValueError):
         kv.release(a)
     with pytest.raises(ValueError):
-        kv.extend(a, 20)
-    with pytest.raises(ValueError):
         kv.allocate([1, 2, 3], 2)
 
 
-def test_kv_extend_evicts():
+def test_kv_allocate_evicts_cached_blocks_when_short():
     kv = KVManager(num_blocks=4, block_size=BS, prefix_caching=True)  # 3 usable
     kv.release(kv.allocate([5] * 8, 8), [5] * 8)  # 2 cached, 1 free
-    a = kv.allocate([], 4)  # empty prompt bypasses the cache
-    assert a.blocks == [3] and kv.prefix_query_tokens == 8
-    assert kv.extend(a, 12)
-    assert len(a.blocks) == 3 and kv.num_cached_blocks == 0
+    a = kv.allocate([], 12)  # empty prompt bypasses the cache; needs 3 blocks: evicts both cached
+    assert len(a.blocks) == 3 and kv.num_cached_blocks == 0 and kv.prefix_query_tokens == 8
     kv.release(a)
     assert kv.num_free_blocks == 3
 

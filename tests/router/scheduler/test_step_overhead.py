@@ -12,9 +12,10 @@ import pytest
 from pytgi_proto import generate_pb2 as pb
 from router.detokenizer import IncrementalDetokenizer, StopSequenceMatcher
 from router.events import TokenEvent
+from router.limits import Limits
 from router.metrics import Metrics
 from router.request import FINISH_REASONS, Entry
-from router.scheduler.batcher import Batcher, BatchLimits
+from router.scheduler.batcher import Batcher
 from router.scheduler.client import ShardedClient, ShardError
 from router.scheduler.kv import KVManager
 from router.scheduler.queue import Queue
@@ -95,8 +96,8 @@ def test_on_token_events_equal_the_reference(router_tokenizer, skip_special_toke
 
 def _dispatcher(tokenizer, entries_params):
     kv = KVManager(64, 2, prefix_caching=True)  # 2-token blocks: a 3-token prompt fills one
-    limits = BatchLimits(max_batch_prefill_tokens=64, max_batch_total_tokens=256, max_batch_size=None,
-                         waiting_served_ratio=1.2, max_waiting_tokens=20, support_chunking=True)
+    limits = Limits(max_input_tokens=128, max_total_tokens=256, max_batch_prefill_tokens=64,
+                    max_batch_total_tokens=256)
     batcher = Batcher(client=None, queue=Queue(kv, support_chunking=True), kv=kv, limits=limits,
                       metrics=Metrics(64, 256))
     entries = []

@@ -74,6 +74,21 @@ LONG_QUESTIONS = (
     "What later inventions refined the press?",
 )
 
+# Input-grounded tasks: the answer copies much of the prompt (rewrite, extract, code edit), which is
+# where n-gram speculation (`--speculate`) drafts tokens that the model accepts.
+_CODE = ("def moving_average(values, window):\n    result = []\n    for i in range(len(values) - window + 1):\n"
+         "        chunk = values[i:i + window]\n        result.append(sum(chunk) / window)\n    return result\n")
+_PARAGRAPH = LONG_CONTEXT[:700]
+GROUNDED_PROMPTS = (
+    f"Repeat the following text exactly, word for word:\n\n{_PARAGRAPH}",
+    f"Rewrite this paragraph with British spelling, changing nothing else:\n\n{_PARAGRAPH}",
+    f"Add type hints to this Python function and return the whole function:\n\n```python\n{_CODE}```",
+    f"Rename the variable `chunk` to `window_values` in this code and return the full code:\n\n```python\n{_CODE}```",
+    f"Quote the sentences of this text that mention a century, verbatim, one per line:\n\n{LONG_CONTEXT}",
+    "Turn this list into a Markdown bulleted list, keeping every item as written: apples, pears, plums, "
+    "cherries, grapes, figs, dates, lemons, limes, oranges, peaches, apricots.",
+)
+
 
 def prompts_for(name: str) -> tuple[str, ...]:
     if name == "short":
@@ -85,6 +100,8 @@ def prompts_for(name: str) -> tuple[str, ...]:
         # from its first words so no server can answer from a prompt cache: a prefill measurement.
         extra = LONG_CONTEXT[: len(LONG_CONTEXT) // 4]
         return tuple(f"Document {i}. {LONG_CONTEXT} {extra}\n\nSummarize document {i}." for i in range(64))
+    if name == "grounded":
+        return GROUNDED_PROMPTS
     if name == "shared-prefix":
         # The same ~1,000-token context, then a different question: what a prefix cache is for.
         context = " ".join([LONG_CONTEXT] * 2 + [LONG_CONTEXT[: len(LONG_CONTEXT) * 2 // 5]])
@@ -277,9 +294,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ignore-eos", action="store_true", help='send "ignore_eos": true (openai only)')
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--prompt-set", choices=("default", "short", "long", "prefill", "shared-prefix"), default="default",
+    p.add_argument("--prompt-set", choices=("default", "short", "long", "prefill", "shared-prefix", "grounded"),
+                   default="default",
                    help="prefill: distinct ~512-token prompts; shared-prefix: one ~1k-token context, "
-                        "different questions (with --concurrency 1 the per-request TTFTs in --json-out show the cache)")
+                        "different questions (with --concurrency 1 the per-request TTFTs in --json-out show the "
+                        "cache); grounded: rewrite / extract / code-edit tasks whose answer copies the prompt")
     p.add_argument("--extra-body", default=None,
                    help="JSON object merged into the body (openai) or `parameters` (tgi)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, s")

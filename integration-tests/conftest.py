@@ -18,6 +18,10 @@ import requests
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 300  # the first run converts the bundled GGUF (~25 s) before loading
+# Every process started from here (launchers, their shards) inherits it: OpenMP threads that wait
+# sleep instead of spinning on the cores the others need. tests/conftest.py says why; it is set
+# here too for a run of integration-tests alone.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def metric(url: str, name: str, absent: float | None = None) -> float:
@@ -89,7 +93,7 @@ def start_launcher(*args: str, env: dict | None = None, private_sockets: bool = 
                 return server
         except requests.ConnectionError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)
     stop_launcher(server)
     raise RuntimeError(f"launcher not healthy after {STARTUP_TIMEOUT} s:\n{server.log()[-3000:]}")
 

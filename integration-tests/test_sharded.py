@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 from conftest import free_port, start_launcher, stop_launcher
@@ -33,6 +35,12 @@ def sample(url: str, prompt: str, seed: int | None = None) -> tuple[str, int]:
     return body["generated_text"], body["details"]["seed"]
 
 
+@pytest.fixture(scope="module")
+def expected(url) -> list[str]:
+    """The one-shard session server's greedy answers: what every topology here must write."""
+    return [generate(url, p) for p in PROMPTS]
+
+
 def test_two_shards_is_a_clear_error():
     result = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "text-generation-launcher"), "--num-shard", "2",
@@ -42,14 +50,11 @@ def test_two_shards_is_a_clear_error():
     assert "9 attention heads cannot be split over 2 shards" in result.stdout + result.stderr
 
 
-def test_three_shards_equal_one_and_a_dead_rank_stops_everything(url):
-    expected = [generate(url, p) for p in PROMPTS]
+def test_three_shards_equal_one_and_a_dead_rank_stops_everything(url, expected):
     server = start_launcher("--num-shard", "3")
     try:
         assert requests.get(f"{server.url}/info", timeout=10).json()["num_shard"] == 3
         # Several requests at once: each rank reports the requests with id % 3 == rank.
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(3) as pool:
             got = list(pool.map(lambda p: generate(server.url, p), PROMPTS))
         assert got == expected
@@ -58,8 +63,13 @@ def test_three_shards_equal_one_and_a_dead_rank_stops_everything(url):
         with ThreadPoolExecutor(3) as pool:
             sampled = list(pool.map(lambda p: sample(server.url, p), PROMPTS + PROMPTS[:1]))
         assert len({seed for _, seed in sampled}) == 4
+        # Replayed at once on 3 shards (three ranks per step are slow on 2 cores: one run of steps
+        # for the four, not four) and one by one on one shard: a seeded sample is the same in any batch.
+        with ThreadPoolExecutor(4) as pool:
+            replayed = list(pool.map(lambda pair: sample(server.url, pair[0], pair[1][1]),
+                                     zip(PROMPTS + PROMPTS[:1], sampled)))
+        assert replayed == sampled
         for prompt, (text, seed) in zip(PROMPTS + PROMPTS[:1], sampled):
-            assert sample(server.url, prompt, seed) == (text, seed)
             assert sample(url, prompt, seed) == (text, seed)
         descendants = children(server.process.pid)
         ranks = [pid for pid in descendants if b"serve" in open(f"/proc/{pid}/cmdline", "rb").read()]
@@ -74,10 +84,9 @@ def test_three_shards_equal_one_and_a_dead_rank_stops_everything(url):
         stop_launcher(server)
 
 
-def test_three_nodes_on_loopback_equal_one_shard(url, tmp_path):
+def test_three_nodes_on_loopback_equal_one_shard(expected, tmp_path):
     """Multi-node recipe on one host: three launchers (--nnodes 3 --node-rank k), one shard each,
     every node's shards on its own TCP port; node 0 runs the router and reaches ranks 1-2 over TCP."""
-    expected = [generate(url, p) for p in PROMPTS]
     master, tcp = free_port(), [free_port() for _ in range(3)]
     common = ["--nnodes", "3", "--num-shard", "1", "--master-addr", "127.0.0.1", "--master-port", str(master)]
     exe = os.path.join(os.path.dirname(sys.executable), "text-generation-launcher")
@@ -92,7 +101,8 @@ def test_three_nodes_on_loopback_equal_one_shard(url, tmp_path):
     try:
         server = start_launcher(*common, "--node-rank", "0", "--shard-tcp-address", f"127.0.0.1:{tcp[0]}")
         assert requests.get(f"{server.url}/info", timeout=10).json()["num_shard"] == 3
-        assert [generate(server.url, p) for p in PROMPTS] == expected
+        with ThreadPoolExecutor(3) as pool:  # at once, as on one launcher: each rank reports its own
+            assert list(pool.map(lambda p: generate(server.url, p), PROMPTS)) == expected
         assert "ready: shards 1..1 of 3" in (tmp_path / "node1.log").read_text()
     finally:
         if server is not None:

@@ -77,6 +77,10 @@ _OPTIONS = [
     _router_option("--max-batch-total-tokens"),
     _router_option("--max-waiting-tokens"),
     _router_option("--max-batch-size"),
+    _option("--speculate", type=int, metavar="N",
+            help="Speculative decoding: up to N draft tokens per request and step, looked up in the request's "
+                 "own prompt and output (n-gram) and verified in the same step; greedy output is unchanged. "
+                 "0: off. Fastest where answers copy the prompt (rewrite, extract, code edit)."),
     _option("--cuda-graphs", metavar="SIZES",
             help="Decode batch sizes the shards capture as CUDA graphs, comma-separated (TGI's default: "
                  "1,2,4,8,16,32); 0: none. Default: none yet (see the README). CUDA with flash-attn only."),

@@ -51,6 +51,8 @@ def build_shard_argv(args: LauncherArgs, rank: int, world_size: int) -> list[str
         argv += ["--quantize", args.quantize]
     if args.cuda_graphs is not None:
         argv += ["--cuda-graphs", args.cuda_graphs]
+    if args.speculate:
+        argv += ["--speculate", str(args.speculate)]
     if args.shard_tcp_address:
         argv += ["--tcp-address", args.shard_tcp_address]
     return argv

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from router.options import BY_NAME as ROUTER_OPTIONS
 from shard.graph_sizes import parse_cuda_graphs
+from shard.speculation import check_speculate
 from shard.watermark import Watermark
 
 # TGI's quantization methods plus pytgi's CPU ones. Only IMPLEMENTED_QUANTIZE is served; the
@@ -70,6 +71,7 @@ class LauncherArgs:
     max_waiting_tokens: int = _router("max_waiting_tokens")
     max_batch_size: int | None = _router("max_batch_size")
     cuda_graphs: str | None = None  # TGI's format: "1,2,4,8", "0": none; None: the shards' default
+    speculate: int = 0  # n-gram draft tokens a decode row may verify per step (shard/speculation.py)
     hostname: str = "0.0.0.0"
     port: int = 3000
     shard_uds_path: str | None = None  # None: {a private 0700 temp dir}/shard, made by the supervisor
@@ -191,6 +193,7 @@ def validate(args: LauncherArgs) -> None:
     try:
         parse_cuda_graphs(args.cuda_graphs)  # the shard's own parser: one format, checked before any start
         Watermark(args.watermark_gamma, args.watermark_delta)  # the shard's own rule, likewise
+        check_speculate(args.speculate)  # and again
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if not 0 < args.port < 65536:

@@ -6,9 +6,6 @@ reads its events (validation, TTFT, inter-token gaps, success/failure, durations
 records per-step figures. Figures that change outside a step (queue length) or that live in the
 KV manager are read at scrape time, so an idle server reports its true state.
 
-TGI metrics not exported: `tgi_request_skipped_tokens` (speculative decoding, which pytgi does not
-do: it would always be empty).
-
 Exposition: `render` writes Prometheus text format 0.0.4 the way TGI's Rust exporter does, so that
 dashboards and scrape configs written for TGI (Grafana, Datadog, GKE) find the same series: a
 counter's sample carries its bare name (`tgi_request_count`, not `tgi_request_count_total`) under a
@@ -84,6 +81,8 @@ class Metrics:
                                          "Router time to stream a step's tokens and filter the batch (s)",
                                          labels=("method",))
         self.batch_concat = counter("tgi_batch_concat", "New requests joined a running batch", ("reason",))
+        self.skipped_tokens = histogram("tgi_request_skipped_tokens",
+                                        "Draft tokens accepted in one step (--speculate)", tuple(range(17)))
 
     def watch(self, kv: KVManager, queue_size: Callable[[], int]) -> None:
         """Read the queue length and the KV figures at scrape time from now on."""

@@ -122,7 +122,7 @@ class AppState:
         metrics.watch(kv, queue.__len__)
         batcher = Batcher(client, queue, kv, limits, metrics, BatchPolicy(
             waiting_served_ratio=config.waiting_served_ratio, max_waiting_tokens=config.max_waiting_tokens,
-            support_chunking=info.support_chunking,
+            support_chunking=info.support_chunking, speculate=info.speculate,
         ))
         # Shards that cannot enforce a grammar make the router reject grammars, not drop them.
         no_grammar = config.disable_grammar_support or not info.supports_grammar

@@ -4,7 +4,9 @@ tensors of one step.
 A request's sequence is prompt_ids + output_ids. `num_computed` tokens of it have K/V in the
 cache; a step computes the next `step_len` tokens (a prompt chunk, or the one token sampled last
 step) and samples a new token only if that reaches the end of the known sequence. Prefill,
-chunked prefill, prefix hits (`cache_len`) and decode are therefore one code path.
+chunked prefill, prefix hits (`cache_len`) and decode are therefore one code path. With
+speculation a decode row also computes this step's `draft` after its last token and samples at
+each of those positions too (shard/speculation.py); `advance` keeps the accepted run.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -22,6 +24,7 @@ from shard.attention import AttentionMetadata, SeqStep, build_metadata
 from shard.grammar import GrammarMask, Grammars, GrammarState, step_mask
 from pytgi_proto import generate_pb2 as pb
 from shard.sampling import Sampler, SampleOutput, SamplingParams
+from shard.speculation import Drafter, accepted_run, can_draft
 from shard.watermark import Watermark
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,8 @@ class RequestState:
     seed: int | None  # reported back for sampling requests
     prompt_logprobs: list[float]  # filled while prefilling when prefill_logprobs is set
     grammar: GrammarState | None = None  # constrained decoding: the request's matcher
+    drafter: Drafter | None = None  # speculation: None when the request never drafts
+    draft: list[int] = field(default_factory=list)  # tokens this step verifies; empty between steps
 
     @property
     def seq_len(self) -> int:
@@ -69,13 +74,18 @@ class RequestState:
         remaining = self.seq_len - self.num_computed
         if self.is_prefilling and self.chunk_len:
             return min(self.chunk_len, remaining)
-        return remaining
+        return remaining + len(self.draft)
+
+    @property
+    def samples(self) -> bool:
+        """The step reaches the end of the known sequence (and its draft): it chooses tokens."""
+        return self.num_computed + self.step_len == self.seq_len + len(self.draft)
 
     def step_tokens(self) -> list[int]:
         start, prompt_len = self.num_computed, len(self.prompt_ids)
         if start < prompt_len:
             return self.prompt_ids[start : start + self.step_len]
-        return self.output_ids[start - prompt_len :]
+        return self.output_ids[start - prompt_len :] + self.draft
 
 
 def _params_from_pb(p: pb.NextTokenChooserParameters, top_n: int, seed: int) -> SamplingParams:
@@ -102,7 +112,9 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
     logits_index: torch.Tensor  # [N] flattened-token indices whose logits are computed
-    sample_rows: list[int]  # batch rows that sample a token this step
+    # Batch rows that sample this step, one entry per sampled line: a drafting row has 1 + len(draft)
+    # consecutive ones (its last token's position, then each draft's).
+    sample_rows: list[int]
     sample_logits: list[int]  # their line in the logits
     # (row, first logits line, number of lines) of requests collecting prompt logprobs
     prompt_logit_spans: list[tuple[int, int, int]]
@@ -131,7 +143,7 @@ class Batch:
     @classmethod
     def from_pb(cls, batch: pb.Batch, vocab_size: int, device: torch.device,
                 grammars: Grammars | None = None, seed_base: int | None = None,
-                watermark: Watermark = Watermark()) -> "Batch":
+                watermark: Watermark = Watermark(), speculate: int = 0) -> "Batch":
         if seed_base is None:
             seed_base = secrets.randbits(64)  # one rank (tests): nothing to agree with
         requests, params = [], []
@@ -143,6 +155,7 @@ class Batch:
                 raise ValueError(f"request {r.id}: cache_len {r.cache_len} must be < prompt length {len(r.input_ids)}")
             seed = r.parameters.seed if r.parameters.has_seed else unseeded_seed(seed_base, r.id)
             p = _params_from_pb(r.parameters, r.top_n_tokens, seed)
+            drafts = speculate and can_draft(p, grammar, explicit_slots=bool(r.slots))
             requests.append(RequestState(
                 id=r.id, prompt_ids=list(r.input_ids), output_ids=[], blocks=list(r.blocks),
                 slots=list(r.slots) or None, num_computed=r.cache_len,
@@ -153,6 +166,7 @@ class Batch:
                 top_n_tokens=r.top_n_tokens, seed=None if p.is_greedy else seed,
                 prompt_logprobs=[math.nan] * (r.cache_len + 1) if r.prefill_logprobs else [],
                 grammar=grammar,
+                drafter=Drafter(r.input_ids, speculate) if drafts else None,
             ))
             params.append(p)
         sampler = Sampler.build(params, [s.prompt_ids for s in requests], [[] for _ in requests], vocab_size, device,
@@ -216,14 +230,14 @@ class Batch:
             tokens += r.step_tokens()
             positions += range(start, start + n)
             seqs.append(SeqStep(n, start + n, r.blocks, r.slots))
+            lines = 1 + len(r.draft) if r.samples else 0  # the last known token's position, then the draft's
             if r.prefill_logprobs and r.is_prefilling:
                 spans.append((row, len(logits_index), n))
                 logits_index += range(first, first + n)
-            elif start + n == r.seq_len:
-                logits_index.append(first + n - 1)
-            if start + n == r.seq_len:
-                sample_rows.append(row)
-                sample_logits.append(len(logits_index) - 1)
+            else:
+                logits_index += range(first + n - lines, first + n)
+            sample_rows += [row] * lines
+            sample_logits += range(len(logits_index) - lines, len(logits_index))
         # One host tensor, one copy: on CUDA from page-locked memory, so the copy is asynchronous.
         num_tokens, on_cuda = len(tokens), device.type == "cuda"
         host = torch.tensor(tokens + positions + logits_index, dtype=torch.long, pin_memory=on_cuda)
@@ -249,31 +263,29 @@ class Batch:
             r.prompt_logprobs += picked.tolist()
 
     def advance(self, inputs: StepRows, out: SampleOutput | None, eos_ids: frozenset[int]) -> list[pb.Generation]:
-        """Account the computed tokens, append sampled ones, stop finished requests."""
+        """Account the computed tokens, append the chosen ones (a drafting row: its accepted run) to
+        the requests and the sampler's history, stop finished requests."""
         for r in self.requests:
-            r.num_computed += r.step_len
+            r.num_computed += r.step_len - len(r.draft)  # accepted drafts are counted as appended
             r.chunk_len = None  # a further chunk size arrives as a RequestUpdate, if at all
         if out is None:
             return []
-        ids, logprobs, top_ids, top_lps = host_lists(out)
-        generations = []
-        for i, row in enumerate(inputs.sample_rows):
+        lists = host_lists(out)
+        generations, rows, appended = [], [], []
+        line = 0
+        while line < len(inputs.sample_rows):
+            row = inputs.sample_rows[line]
             r = self.requests[row]
-            token = ids[i]
-            r.output_ids.append(token)
-            generation = pb.Generation(request_id=r.id, tokens=pb.Tokens(ids=[token], logprobs=[logprobs[i]]))
-            if r.prefill_logprobs and len(r.output_ids) == 1:
-                generation.prefill_tokens.CopyFrom(pb.Tokens(ids=r.prompt_ids, logprobs=r.prompt_logprobs))
-            if r.top_n_tokens and top_ids is not None:
-                n = r.top_n_tokens
-                generation.top_tokens.append(pb.Tokens(ids=top_ids[i][:n], logprobs=top_lps[i][:n]))
-            reason = _finish_reason(r, token, eos_ids)
-            if reason is not None:
-                generation.finished.CopyFrom(pb.FinishInfo(
-                    generated_tokens=len(r.output_ids), finish_reason=reason, seed=r.seed))
-                if r.seed is None:
-                    generation.finished.ClearField("seed")
+            draft, r.draft = r.draft, []
+            run = accepted_run(draft, lists[0][line : line + 1 + len(draft)])
+            if draft:
+                r.drafter.record(len(draft), len(run) - 1)
+            generation = _append(r, run, line, lists, eos_ids)
             generations.append(generation)
+            rows += [row] * len(generation.tokens.ids)
+            appended += generation.tokens.ids
+            line += 1 + len(draft)
+        self.sampler.update(rows, appended)
         return generations
 
 
@@ -304,6 +316,33 @@ def packed_host_lists(out: SampleOutput) -> HostLists:
         return ids, logprobs, None, None
     n = out.top_ids.shape[1]
     return ids, logprobs, [[int(t) for t in line[2 : 2 + n]] for line in lines], [line[2 + n :] for line in lines]
+
+
+def _append(r: RequestState, run: list[int], first_line: int, lists: HostLists,
+            eos_ids: frozenset[int]) -> pb.Generation:
+    """Append `run` (chosen at lines first_line, first_line + 1, ...) to the request up to the
+    token that finishes it, and the generation that reports them."""
+    _, logprobs, top_ids, top_lps = lists
+    generation = pb.Generation(request_id=r.id)
+    if r.prefill_logprobs and not r.output_ids:
+        generation.prefill_tokens.CopyFrom(pb.Tokens(ids=r.prompt_ids, logprobs=r.prompt_logprobs))
+    for line, token in enumerate(run, first_line):
+        r.output_ids.append(token)
+        generation.tokens.ids.append(token)
+        generation.tokens.logprobs.append(logprobs[line])
+        if r.top_n_tokens and top_ids is not None:
+            n = r.top_n_tokens
+            generation.top_tokens.append(pb.Tokens(ids=top_ids[line][:n], logprobs=top_lps[line][:n]))
+        reason = _finish_reason(r, token, eos_ids)
+        if reason is not None:
+            generation.finished.CopyFrom(pb.FinishInfo(
+                generated_tokens=len(r.output_ids), finish_reason=reason, seed=r.seed))
+            if r.seed is None:
+                generation.finished.ClearField("seed")
+            break
+    # Every appended token but the last was a draft this step computed: its K/V are in the cache.
+    r.num_computed += len(generation.tokens.ids) - 1
+    return generation
 
 
 def _finish_reason(r: RequestState, token: int, eos_ids: frozenset[int]) -> int | None:

@@ -46,8 +46,11 @@ def _common(fn):
 @click.option("--cuda-graphs", default=None, envvar="CUDA_GRAPHS", metavar="SIZES",
               help="Decode batch sizes to capture as CUDA graphs, e.g. 1,2,4,8,16,32; 0: none "
                    "(CUDA with flash-attn only).")
+@click.option("--speculate", type=int, default=None, envvar="SPECULATE", metavar="N",
+              help="Speculative decoding: each greedy decode row drafts up to N tokens from its own prompt and "
+                   "output (n-gram lookup) and verifies them in the same step; 0..16, default 0 (off).")
 def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_path, sharded, dtype, block_size,
-          device, quantize, tcp_address, cuda_graphs):
+          device, quantize, tcp_address, cuda_graphs, speculate):
     """Load MODEL_ID (default: the bundled SmolLM2-135M-Instruct) and serve it over gRPC."""
     from shard.config import build_config
     from shard.log import setup_logging
@@ -57,7 +60,7 @@ def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_
             model_id, revision=revision, uds_path=uds_path, sharded=sharded, dtype=dtype,
             trust_remote_code=trust_remote_code, json_output=json_output, log_level=logger_level,
             block_size=block_size, device=device, quantize=quantize, tcp_address=tcp_address,
-            cuda_graphs=cuda_graphs,
+            cuda_graphs=cuda_graphs, speculate=speculate,
         )
     except ValueError as error:
         sys.exit(f"error: {error}")

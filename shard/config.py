@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from shard.graph_sizes import parse_cuda_graphs
+from shard.speculation import check_speculate
 from shard.watermark import Watermark
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,6 +71,9 @@ class ShardConfig:
     # --watermark-gamma / --watermark-delta (WATERMARK_GAMMA / WATERMARK_DELTA, TGI's names and
     # defaults): for the requests that ask for a watermark.
     watermark: Watermark = Watermark()
+    # --speculate / SPECULATE (TGI's name): draft tokens a decode row may verify per step, by n-gram
+    # lookup in its own ids (shard/speculation.py); 0: off.
+    speculate: int = 0
 
     @property
     def tcp_address(self) -> str | None:
@@ -108,6 +112,7 @@ def build_config(
     quantize: str | None = None,
     tcp_address: str | None = None,
     cuda_graphs: str | None = None,
+    speculate: int | None = None,
 ) -> ShardConfig:
     env = os.environ
     rank = int(env.get("RANK", "0"))
@@ -126,6 +131,8 @@ def build_config(
         raise ValueError(f"--block-size must be >= 1 (got {block_size})")
     if quantize is not None and dev.type != "cpu":
         raise ValueError(f"--quantize {quantize} is implemented for CPU only; on GPUs serve float16 or bfloat16")
+    if speculate is not None:
+        check_speculate(speculate)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unsupported --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     hub_cache = env.get("HUGGINGFACE_HUB_CACHE") or env.get("HF_HUB_CACHE")
@@ -164,6 +171,7 @@ def build_config(
         tcp_host=tcp_host,
         tcp_base_port=tcp_base_port,
         cuda_graphs=parse_cuda_graphs(cuda_graphs),
+        speculate=speculate or 0,
     )
 
 

@@ -3,9 +3,9 @@
 A replayed step: the batch's rows → `plan_decode` (host tensors padded to the smallest captured
 size that holds the batch) → two host→device copies into the static buffers → `replay()` → the
 first rows of the static logits. Every other step runs eagerly, as it would without graphs:
-`DecodeGraphs.plan` returns None for a prefill, a prompt chunk, a mixed step, a batch larger
-than every captured size, an explicit-slot request (the health probe) or a sequence longer than
-the static block table.
+`DecodeGraphs.plan` returns None for a prefill, a prompt chunk, a mixed step, a step with
+speculative drafts (several query tokens per row), a batch larger than every captured size, an
+explicit-slot request (the health probe) or a sequence longer than the static block table.
 
 Inside a graph nothing may depend on Python values that change per step, so decode attention is
 flash-attn's `flash_attn_with_kvcache`, whose lengths and block tables are tensors
@@ -151,7 +151,7 @@ def plan_decode(batch: Batch, sizes: tuple[int, ...], block_size: int, width: in
     max_rows = sizes[-1]
     ids, positions, slots, kv_lens, tables = [], [], [], [], []
     for r in batch.requests:
-        if r.slots is not None or r.num_computed != r.seq_len - 1 or r.is_prefilling:
+        if r.slots is not None or r.num_computed != r.seq_len - 1 or r.is_prefilling or r.draft:
             return None  # a probe, a prompt (chunk) or a request with several tokens to compute
         position = r.num_computed
         used = position // block_size + 1

@@ -1,7 +1,8 @@
 """Engine: owns the model, the KV cache and the cached batches; runs prefill / decode steps.
 
-Every RPC that computes lands in `_step`: prepare ragged inputs → forward → sample → advance →
-drop finished requests → cache the batch. The router owns KV blocks; the engine only obeys.
+Every RPC that computes lands in `_step`: draft (speculation) → prepare ragged inputs → forward →
+sample → advance → drop finished requests → cache the batch. The router owns KV blocks; the
+engine only obeys.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from shard.grammar import Grammars
 from shard.kv_cache import KVCache, TransientPeak, kv_budget
 from shard.models.base import CausalLM
 from shard.sampling import warm_up, warmup_rows
+from shard.speculation import draft_tokens
 from pytgi_proto import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class Engine:
         info = self.info
         response = pb.InfoResponse(
             requires_padding=False, dtype=str(self.config.dtype), device_type=self.config.device.type,
-            speculate=0, support_chunking=True, use_prefix_caching=True,
+            speculate=self.config.speculate, support_chunking=True, use_prefix_caching=True,
             attention_impl=self.model.backend.name, block_size=self.block_size, vocab_size=info.vocab_size,
             max_position_embeddings=info.max_position_embeddings, eos_token_ids=list(info.eos_token_ids),
             model_path=str(self.model_path), model_impl=info.impl, world_size=self.tp.world_size,
@@ -65,7 +67,7 @@ class Engine:
     def prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
         start = time.perf_counter_ns()
         batch = Batch.from_pb(request.batch, self.info.vocab_size, self.config.device, self.grammars,
-                              self.seed_base, self.config.watermark)
+                              self.seed_base, self.config.watermark, self.config.speculate)
         concat_ns = None
         if request.HasField("cached_batch"):
             concat_start = time.perf_counter_ns()
@@ -204,8 +206,8 @@ class Engine:
         return batch
 
     def _forward(self, batch: Batch) -> tuple[StepRows, torch.Tensor]:
-        """The step's rows and logits: a replayed CUDA graph when the step is a pure decode that
-        fits a captured size, the eager forward otherwise."""
+        """The step's rows and logits: a replayed CUDA graph when the step is a pure decode (no
+        drafts) that fits a captured size, the eager forward otherwise."""
         plan = self.graphs.plan(batch) if self.graphs is not None else None
         if plan is not None:
             return plan, self.graphs.replay(plan)
@@ -216,6 +218,7 @@ class Engine:
     def _step(self, batch: Batch, start_ns: int, concat_ns: int | None, response_type):
         if self.kv_cache is None:
             raise RuntimeError("the KV cache is not allocated: call Warmup first")
+        draft_tokens(batch.requests, self.block_size)  # --speculate: drafts ride in this step's forward
         inputs, logits = self._forward(batch)
         forward_end = time.perf_counter_ns()
         batch.record_prompt_logprobs(inputs, logits)
@@ -225,7 +228,6 @@ class Engine:
             # Sampled lines are ascending: as many as the logits' lines means all of them, no copy.
             every = len(inputs.sample_logits) == logits.shape[0]
             out = batch.sampler(logits if every else logits[inputs.sample_logits], rows=inputs.sample_rows, mask=mask)
-            batch.sampler.update(inputs.sample_rows, out.next_ids)
         generations = batch.advance(inputs, out, self.eos_ids)
         finished = {g.request_id for g in generations if g.HasField("finished")}
         # Only rank `id % world_size` reports a request; the router merges all ranks' lists.

@@ -89,6 +89,14 @@ class SamplingParams:
         return greedy_rule(do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
                            top_p=self.top_p, typical_p=self.typical_p, min_p=self.min_p)
 
+    @property
+    def is_positionwise(self) -> bool:
+        """The token is chosen from its line's logits alone: greedy, and no stage that reads the
+        tokens before it (the penalties count them, the watermark hashes the previous one);
+        logit_bias and top_n_tokens are per line. Such a row's tokens at several positions can be
+        chosen in one pass, each as a step of its own would choose it (shard/speculation.py)."""
+        return self.is_greedy and not _row_flags(self) & (_REP | _FREQ_PRES | _WATERMARK)
+
 
 @dataclass(frozen=True, slots=True)
 class SampleOutput:
@@ -365,11 +373,14 @@ class Sampler:
             top_ids, top_logprobs = top.indices, top.values - lse.unsqueeze(1)
         return SampleOutput(next_ids, logprobs, top_ids, top_logprobs)
 
-    def update(self, rows: list[int] | None, next_ids: torch.Tensor) -> None:
-        """Record accepted tokens for these rows (penalty history, watermark's previous token)."""
+    def update(self, rows: list[int] | None, next_ids: torch.Tensor | list[int]) -> None:
+        """Record accepted tokens for these rows (penalty history, watermark's previous token).
+        A row repeats when it accepted several tokens in one step (speculation, in order); `prev`
+        then takes any one of them, which is read only for a watermarked row, and those never
+        draft."""
         if self.seen is None and self.counts is None and self.prev is None:
             return
-        ids = next_ids.to(self.device, torch.long).reshape(-1)
+        ids = torch.as_tensor(next_ids, dtype=torch.long).to(self.device).reshape(-1)
         if rows is None:
             idx = torch.arange(self.size, device=self.device)
         else:

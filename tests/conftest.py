@@ -8,14 +8,23 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
-import torch
 
-from shard.config import ShardConfig, default_cache_dir
-from shard.distributed import TPGroup
-from shard.engine import Engine
-from shard.models import get_model
-from shard.models.base import ModelContext
-from pytgi_proto import generate_pb2 as pb
+# Set before torch loads its OpenMP runtime (libgomp), which reads it once; the launchers and
+# shards that tests start inherit it. By default an OpenMP thread waiting for work spins first:
+# on 2 cores shared with a launcher's processes, or with another test run, the spinning thread
+# takes the core that the thread it waits for needs, and steps take several times longer
+# (tests/shard/test_smollm2.py next to one busy process: 289-341 s spinning, 41-89 s passive).
+# The waiting policy changes no result, only how idle threads wait.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from shard.config import ShardConfig, default_cache_dir  # noqa: E402
+from shard.distributed import TPGroup  # noqa: E402
+from shard.engine import Engine  # noqa: E402
+from shard.models import get_model  # noqa: E402
+from shard.models.base import ModelContext  # noqa: E402
+from pytgi_proto import generate_pb2 as pb  # noqa: E402
 
 TINY = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -34,6 +34,9 @@ class BatchPolicy:
     waiting_served_ratio: float = BY_NAME["waiting_served_ratio"].default
     max_waiting_tokens: int = BY_NAME["max_waiting_tokens"].default
     support_chunking: bool = True  # the shards prefill in chunks (then nothing waits for a decode)
+    # Draft tokens a decode row may verify per step (the shards' `--speculate`): each is a token of
+    # the step's compute, so the prefill budget counts them.
+    speculate: int = 0
 
 
 class Batcher:
@@ -103,7 +106,7 @@ class Batcher:
                 budget -= chunk
                 updates.append(pb.RequestUpdate(request_id=entry.id, chunk_len=chunk))
             else:
-                budget -= 1  # its decode token
+                budget -= 1 + self.policy.speculate  # its decode token and the drafts it may verify
         return updates, budget
 
     def _admit(self, prefill_budget: int):
@@ -161,13 +164,20 @@ class Batcher:
             entry = self.running.get(g.request_id)
             if entry is None or entry.finished:
                 continue
-            top = list(zip(g.top_tokens[0].ids, g.top_tokens[0].logprobs)) if g.top_tokens else []
             prefill = list(zip(g.prefill_tokens.ids, g.prefill_tokens.logprobs)) if g.prefill_tokens.ids else None
-            finish = g.finished if g.HasField("finished") else None
             if not entry.generated_ids and not entry.request.parameters.decoder_input_details:
                 self.kv.share_prompt(entry.allocation, entry.request.input_ids)  # its K/V exist now
-            if entry.on_token(g.tokens.ids[0], g.tokens.logprobs[0], top, finish, prefill):
-                self._release(entry)
+            if self.policy.speculate:
+                self.metrics.skipped_tokens.observe(len(g.tokens.ids) - 1)
+            # Several tokens when the shard accepted drafts: each is streamed as its own event, and
+            # the shard's finish belongs to the last one. A stop string inside the run ends it.
+            last = len(g.tokens.ids) - 1
+            for i, (token, logprob) in enumerate(zip(g.tokens.ids, g.tokens.logprobs)):
+                top = list(zip(g.top_tokens[i].ids, g.top_tokens[i].logprobs)) if len(g.top_tokens) > i else []
+                finish = g.finished if i == last and g.HasField("finished") else None
+                if entry.on_token(token, logprob, top, finish, prefill if i == 0 else None):
+                    self._release(entry)
+                    break
 
     async def _filter(self) -> None:
         """Drop requests the router finished (stop strings) or whose client left."""

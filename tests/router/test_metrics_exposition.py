@@ -45,7 +45,7 @@ TGI_METRICS = {
     "tgi_batch_concat_duration": ("histogram", {"method"}),
     "tgi_batch_concat": ("counter", {"reason"}),
 }
-NOT_EXPORTED = {"tgi_request_skipped_tokens"}  # speculative decoding only
+NOT_EXPORTED: set[str] = set()  # every TGI family is exported
 
 
 def scrape() -> str:

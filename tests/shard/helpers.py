@@ -97,3 +97,23 @@ def assert_greedy_equal(ours: list[int], reference: tuple[list[int], list[float]
         if a != b:
             assert gaps[step] < TIE_GAP, f"diverged at step {step} (gap {gaps[step]:.2e}): {ours} != {tokens}"
             return  # after a legitimate near-tie the continuations differ
+
+
+def generations(engine, requests: list[pb.Request], batch_id: int = 0,
+                updates_for=None) -> dict[int, list[pb.Generation]]:
+    """Every Generation of each request, prefill to completion (with speculation one may carry
+    several tokens)."""
+    out: dict[int, list[pb.Generation]] = {}
+    batch = pb.Batch(id=batch_id, requests=requests, size=len(requests))
+    response = engine.prefill(pb.PrefillRequest(batch=batch))
+    while True:
+        for g in response.generations:
+            out.setdefault(g.request_id, []).append(g)
+        if not response.HasField("batch"):
+            return out
+        updates = updates_for(response.batch) if updates_for else []
+        response = engine.decode(pb.DecodeRequest(batches=[response.batch], updates=updates))
+
+
+def token_ids(gens: list[pb.Generation]) -> list[int]:
+    return [t for g in gens for t in g.tokens.ids]

@@ -4,6 +4,8 @@ cancellation, shard failures — and no leaked KV blocks."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 
 import pytest
 
@@ -11,7 +13,7 @@ from router.events import ErrorEvent, TokenEvent
 from router.limits import Limits
 from router.metrics import Metrics
 from router.request import Entry
-from router.scheduler.batcher import Batcher
+from router.scheduler.batcher import Batcher, BatchPolicy
 from router.scheduler.kv import KVManager
 from router.scheduler.queue import Queue
 from tests.conftest import make_engine, save_tiny
@@ -175,3 +177,39 @@ def test_prompt_blocks_are_shared_once_prefilled(harness):
     assert second.allocation.blocks[:3] == first.allocation.blocks[:3]
     asyncio.run(drain(batcher))
     assert tokens(second) == tokens(first)
+
+
+def test_speculative_runs_stream_each_token_and_stop_inside_a_run(tiny_llama, router_tokenizer):
+    """With --speculate a Generation carries the accepted run: the batcher streams every token as
+    its own event (the same tokens as without speculation), and a stop string matched inside a run
+    ends the request there, its blocks returned."""
+    rng = random.Random(2)
+    grounded = [rng.randrange(2, 120) for _ in range(9)] * 3  # the tiny llama continues it by copying
+
+    def run(speculate: int, **params) -> tuple[list[TokenEvent], float]:
+        engine = make_engine(tiny_llama, block_size=BS, num_blocks_tokens=2048)
+        engine.config = dataclasses.replace(engine.config, speculate=speculate)
+        kv = KVManager(2048 // BS + 1, BS, prefix_caching=True)
+        queue, metrics = Queue(kv, support_chunking=True), Metrics(512, 512)
+        limits = Limits(max_input_tokens=1024, max_total_tokens=2048, max_batch_total_tokens=2048)
+        batcher = Batcher(EngineClient(engine), queue, kv, limits, metrics, BatchPolicy(speculate=speculate))
+        free = kv.num_free_blocks + kv.num_evictable
+        entry = Entry.create(0, valid_request(grounded, 30, **params), router_tokenizer)
+        queue.append(entry)
+        asyncio.run(drain(batcher))
+        assert kv.num_free_blocks + kv.num_evictable == free
+        return token_events(entry), metrics.skipped_tokens.collect()[0].samples
+
+    plain, _ = run(0)
+    drafted, samples = run(4)
+    assert [e.token.id for e in drafted] == [e.token.id for e in plain]
+    assert [e.token.logprob for e in drafted] == pytest.approx([e.token.logprob for e in plain], abs=1e-4)
+    accepted = next(s.value for s in samples if s.name.endswith("_sum"))
+    assert accepted > 0  # some steps carried several tokens
+    # A stop string: the text of a token well inside the output (the run it lands in is cut there).
+    texts = ["".join(e.text for e in plain[:n]) for n in range(len(plain) + 1)]
+    stop = next(t for n in range(len(plain) // 2, len(plain) + 1) if (t := texts[n][len(texts[n - 1]):]).strip())
+    ends = next(n for n in range(1, len(plain) + 1) if stop in texts[n])
+    stopped, _ = run(4, stop=(stop,))
+    assert [e.token.id for e in stopped] == [e.token.id for e in plain[:ends]]
+    assert stopped[-1].finish.finish_reason == "stop_sequence"

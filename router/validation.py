@@ -103,6 +103,16 @@ class Validator:
         self.limits = limits
         self.grammar = grammar or GrammarValidator(tokenizer)
 
+    def check_stop(self, stop) -> tuple[str, ...]:
+        """How many stop sequences, and how long: the one rule for both APIs (and /chat_tokenize)."""
+        stop = tuple(stop)
+        _check(len(stop) <= self.limits.max_stop_sequences,
+               f"`stop` supports up to {self.limits.max_stop_sequences} stop sequences. Given: {len(stop)}", "stop")
+        longest = max(map(len, stop), default=0)
+        _check(longest <= bounds.MAX_STOP_CHARS,
+               f"a stop sequence must be at most {bounds.MAX_STOP_CHARS} characters long. Given: {longest}", "stop")
+        return stop
+
     def refuse_certainly_too_long(self, inputs: str, max_new_tokens: int | None = None) -> None:
         """Refuse without tokenizing an input that cannot fit whatever its exact token count:
         tokenization work per request is then bounded by the model's context, not by
@@ -166,12 +176,7 @@ class Validator:
 
         _check(p.max_new_tokens != 0, "`max_new_tokens` must be strictly positive")
 
-        stop = tuple(p.stop)
-        _check(len(stop) <= limits.max_stop_sequences,
-               f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}", "stop")
-        longest = max(map(len, stop), default=0)
-        _check(longest <= bounds.MAX_STOP_CHARS,
-               f"a stop sequence must be at most {bounds.MAX_STOP_CHARS} characters long. Given: {longest}", "stop")
+        stop = self.check_stop(p.stop)
 
         _check(p.seed is None or best_of <= 1, "`seed` must not be set when `best_of` > 1")
 

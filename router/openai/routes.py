@@ -356,8 +356,10 @@ class OpenAIRoutes:
     async def chat_tokenize(self, request: web.Request) -> web.Response:
         """TGI's `/chat_tokenize`: the templated prompt and its tokens (TGI error shape)."""
         chat = parse_chat_request(await read_json(request), self.ctx.limits)
+        validator = self.ctx.state.infer.validator
+        validator.check_stop(chat.sampling.stop)  # the body is a chat request: its rules hold here too
         prompt = await self.ctx.render(chat)
-        self.ctx.state.infer.validator.refuse_certainly_too_long(prompt)
+        validator.refuse_certainly_too_long(prompt)
         tokens = await tokenize_with_offsets(self.ctx.state.tokenizer, prompt, add_special_tokens=False)
         return web.json_response(ChatTokenizeResponse(
             tokenize_response=[SimpleToken(id=i, text=prompt[start:stop], start=start, stop=stop)

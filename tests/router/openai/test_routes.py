@@ -262,3 +262,13 @@ def test_stop_count_is_the_validators_rule_with_its_param(router_tokenizer):
     status, body = run(router_tokenizer, [[("token", "x")]], scenario)
     assert status == 400 and body["error"]["param"] == "stop"
     assert body["error"]["message"] == "`stop` supports up to 4 stop sequences. Given: 5"
+
+
+def test_chat_tokenize_applies_the_stop_rule(router_tokenizer):
+    async def scenario(client, infer):
+        response = await client.post("/chat_tokenize", json={"messages": MESSAGES, "stop": [""] * 5})
+        return response.status, await response.json()
+
+    status, body = run(router_tokenizer, [[("token", "x")]], scenario)
+    assert status == 422 and body == {"error": "Input validation error: `stop` supports up to 4 stop sequences. "
+                                               "Given: 5", "error_type": "validation"}

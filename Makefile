@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: install compiler kernels run test test-unit bench proto clean
+.PHONY: install compiler browser kernels run test test-unit bench proto clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ proto: install
 compiler:
 	bash .ci/ensure-compiler
 
+# The playground's browser tests drive a real headless Chromium (Debian's chromium and
+# chromium-driver, from apt when missing); under CI=true they fail without one instead of skipping.
+browser:
+	bash .ci/ensure-browser
+
 # The CPU kernels are compiled once per machine (~25 s each, then cached; shard/cpu_kernels.py),
 # up front so the first shard start, or a test's, does not pay for it. Where a compiler exists a
 # failed build stops the target: the shards would otherwise fall back to torch ops unnoticed.
@@ -45,9 +50,10 @@ kernels: install
 run: install kernels
 	$(VENV)/bin/text-generation-launcher
 
-# `compiler` before `kernels` (make runs prerequisites in order without -j).
-test: install compiler kernels
-	$(PY) -m pytest -q
+# `compiler` before `kernels` (make runs prerequisites in order without -j). .ci/test runs the
+# suite as two pytest runs side by side (it says why); `pytest` alone runs it in one.
+test: install compiler browser kernels
+	bash .ci/test $(PY) -q
 
 test-unit: install compiler kernels
 	$(PY) -m pytest -q tests

@@ -170,12 +170,14 @@ class Summary:
         return f"{totals}\n\n{latency}"
 
 
-def build_request(args: argparse.Namespace, prompt: str) -> tuple[str, dict]:
+def build_request(args: argparse.Namespace, prompt: str, index: int = 0) -> tuple[str, dict]:
+    """Request number `index` of a phase: with several `--model` names, they take turns."""
     base = args.url.rstrip("/")
     extra = json.loads(args.extra_body) if args.extra_body else {}
+    models = args.model.split(",")
     if args.api == "openai":
         body = {
-            "model": args.model, "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "model": models[index % len(models)], "messages": [{"role": "user", "content": prompt}], "stream": True,
             "stream_options": {"include_usage": True}, "max_tokens": args.max_tokens,
             "temperature": args.temperature,
         }
@@ -207,9 +209,10 @@ def handle_event(api: str, event: dict, result: RequestResult) -> bool:
     return event.get("token") is not None
 
 
-async def one_request(session: aiohttp.ClientSession, args: argparse.Namespace, prompt: str) -> RequestResult:
+async def one_request(session: aiohttp.ClientSession, args: argparse.Namespace, prompt: str,
+                      index: int = 0) -> RequestResult:
     result, chunks, last = RequestResult(), 0, 0.0
-    url, body = build_request(args, prompt)
+    url, body = build_request(args, prompt, index)
     start = time.perf_counter()
     try:
         async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=args.timeout)) as resp:
@@ -249,7 +252,7 @@ async def run_phase(args: argparse.Namespace, count: int, offset: int, deadline:
             for i in counter:
                 if time.perf_counter() >= deadline:
                     return
-                results.append(await one_request(session, args, prompts[(offset + i) % len(prompts)]))
+                results.append(await one_request(session, args, prompts[(offset + i) % len(prompts)], offset + i))
 
         await asyncio.gather(*(worker() for _ in range(min(args.concurrency, max(count, 1)))))
     return results
@@ -287,7 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url", default="http://127.0.0.1:3000", help="server base URL (loopback only)")
     p.add_argument("--api", choices=("openai", "tgi"), default="openai",
                    help="openai: /v1/chat/completions; tgi: /generate_stream")
-    p.add_argument("--model", default="tgi", help="`model` field of OpenAI requests")
+    p.add_argument("--model", default="tgi",
+                   help="`model` field of OpenAI requests; several, comma-separated, take turns (LoRA adapters)")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight (closed loop)")
     p.add_argument("--requests", type=int, default=100, help=f"measured requests (<= {MAX_REQUESTS})")
     p.add_argument("--warmup", type=int, default=0, help="unmeasured requests sent first")

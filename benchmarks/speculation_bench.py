@@ -2,37 +2,31 @@
 
     python -m benchmarks.speculation_bench --out OUT_DIR [--speculate 4] [--rounds 2] [--max-tokens 128]
 
-Each setting starts its own launcher (the bundled model unless `--model-id`; extra launcher flags
-after `--`), warms it up, then runs greedy loads with benchmarks/loadgen.py: the input-grounded set
-(rewrite / extract / code edit, where the answer copies the prompt) one request at a time, and open-ended
-chat at concurrency 1, 8 and 32. Between phases it reads `tgi_request_skipped_tokens` from /metrics:
-the draft tokens accepted per decode step of that phase. The table (also OUT_DIR/summary.json) gives
-each phase's output tok/s in both settings, their ratio and the accepted drafts per step. The two
-settings run back to back on the same machine: read the ratios, not the absolute figures.
+Both settings are served at once, each by its own launcher (the bundled model unless `--model-id`;
+extra launcher flags after `--`), and every phase alternates between them round by round (0 then N,
+then N then 0, ...), so that a change in the machine's speed during the run (these are shared VMs)
+falls on both alike. The phases are greedy loads of benchmarks/loadgen.py: the input-grounded set
+(rewrite / extract / code edit, where the answer copies the prompt) one request at a time, and
+open-ended chat at concurrency 1, 8 and 32. Around each load it reads `tgi_request_skipped_tokens`
+from /metrics: the draft tokens accepted per decode step. The table (also OUT_DIR/summary.json)
+gives each phase's output tok/s in both settings (all rounds' tokens over all rounds' time), their
+ratio and the accepted drafts per step. Read the ratios, not the absolute figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks import loadgen
 from benchmarks.report import format_table
+from benchmarks.served import Tally, default_launcher, exit_on_sigterm, metric_sums, start, stop, warm_up
 
 # (name, prompt set, concurrency, requests per round)
 PHASES = (("grounded c=1", "grounded", 1, 6), ("chat c=1", "default", 1, 6), ("chat c=8", "default", 8, 24),
           ("chat c=32", "default", 32, 64))
-READY_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,75 +37,37 @@ class Phase:
     accepted_per_step: float  # draft tokens accepted per decode step (0 without speculation)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def skipped_tokens(url: str) -> tuple[float, float]:
-    """(sum, count) of the `tgi_request_skipped_tokens` histogram."""
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
-    values = {}
-    for line in text.splitlines():
-        for suffix in ("_sum", "_count"):
-            if line.startswith(f"tgi_request_skipped_tokens{suffix} "):
-                values[suffix] = float(line.split()[1])
-    return values.get("_sum", 0.0), values.get("_count", 0.0)
-
-
-def start(speculate: int, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [args.launcher, "--hostname", "127.0.0.1", "--port", str(port), "--speculate", str(speculate),
-               *(["--model-id", args.model_id] if args.model_id else []), *args.launcher_args]
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the launcher exited with {process.returncode}; see {log}")
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
-                return process, url
-        except OSError:
-            time.sleep(1)
-    stop(process)
-    raise RuntimeError(f"the launcher was not ready within {READY_TIMEOUT_S} s; see {log}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def run_setting(speculate: int, args: argparse.Namespace, out: Path) -> list[Phase]:
-    process, url = start(speculate, args, out / f"launcher-speculate{speculate}.log")
+def compare(args: argparse.Namespace, out: Path) -> tuple[list[Phase], list[Phase]]:
+    processes, urls = [], []
     try:
-        common = ["--url", url, "--max-tokens", str(args.max_tokens), "--temperature", "0"]
-        asyncio.run(loadgen.run_load(loadgen.parse_args([*common, "--requests", "4", "--concurrency", "2",
-                                                         "--max-tokens", "16"])))
-        phases = []
+        for speculate in (0, args.speculate):
+            flags = ["--speculate", str(speculate), *(["--model-id", args.model_id] if args.model_id else []),
+                     *args.launcher_args]
+            process, url = start(args.launcher, flags, out / f"launcher-speculate{speculate}.log")
+            processes.append(process)
+            urls.append(url)
+        for url in urls:
+            warm_up(url)
+        base, spec = [], []
         for name, prompt_set, concurrency, requests in PHASES:
-            before = skipped_tokens(url)
-            load = loadgen.parse_args([*common, "--prompt-set", prompt_set, "--concurrency", str(concurrency),
-                                       "--requests", str(requests * args.rounds)])
-            summary = asyncio.run(loadgen.run_load(load))
-            if summary.errors:
-                raise RuntimeError(f"{name}: {summary.errors} requests failed: {summary.error_samples}")
-            after = skipped_tokens(url)
-            steps = after[1] - before[1]
-            accepted = (after[0] - before[0]) / steps if steps else 0.0
-            phases.append(Phase(name, speculate, summary.output_tok_s, accepted))
-            (out / f"speculate{speculate}-{name.replace(' ', '').replace('=', '')}.json").write_text(
-                json.dumps(summary.to_dict(), indent=1))
-        return phases
+            slug = name.replace(" ", "").replace("=", "")
+            load = ["--max-tokens", str(args.max_tokens), "--temperature", "0", "--prompt-set", prompt_set,
+                    "--concurrency", str(concurrency), "--requests", str(requests)]
+            settings = [(0, Tally(urls[0]), [0.0, 0.0]), (args.speculate, Tally(urls[1]), [0.0, 0.0])]
+            for index in range(args.rounds):
+                for speculate, tally, drafts in settings if index % 2 == 0 else reversed(settings):
+                    before = metric_sums(tally.url, "tgi_request_skipped_tokens")
+                    tally.measure(load, name, out / f"speculate{speculate}-{slug}-round{index}.json")
+                    after = metric_sums(tally.url, "tgi_request_skipped_tokens")
+                    drafts[0] += after[0] - before[0]
+                    drafts[1] += after[1] - before[1]
+            (b, b_tally, _), (s, s_tally, drafts) = settings
+            base.append(Phase(name, b, b_tally.tok_s, 0.0))
+            spec.append(Phase(name, s, s_tally.tok_s, drafts[0] / drafts[1] if drafts[1] else 0.0))
+        return base, spec
     finally:
-        stop(process)
+        for process in processes:
+            stop(process)
 
 
 def table(base: list[Phase], spec: list[Phase]) -> str:
@@ -126,20 +82,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.speculation_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for the loadgen JSON, launcher logs and summary.json")
     p.add_argument("--speculate", type=int, default=4, help="the setting compared with 0")
-    p.add_argument("--rounds", type=int, default=2, help="how many times each phase's request count runs")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds per phase and setting, alternating between the settings")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--model-id", default=None, help="default: the launcher's (the bundled SmolLM2)")
-    p.add_argument("--launcher", default="text-generation-launcher")
+    p.add_argument("--launcher", default=default_launcher(), help="default: the one beside this Python, else on PATH")
     p.add_argument("launcher_args", nargs="*", help="extra launcher flags (after --)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = run_setting(0, args, out)
-    spec = run_setting(args.speculate, args, out)
+    base, spec = compare(args, out)
     summary = {"speculate": args.speculate, "phases": [asdict(phase) for phase in base + spec]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(table(base, spec))

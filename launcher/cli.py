@@ -81,6 +81,9 @@ _OPTIONS = [
             help="Speculative decoding: up to N draft tokens per request and step, looked up in the request's "
                  "own prompt and output (n-gram) and verified in the same step; greedy output is unchanged. "
                  "0: off. Fastest where answers copy the prompt (rewrite, extract, code edit)."),
+    _option("--lora-adapters", metavar="IDS",
+            help="LoRA adapters to load, comma-separated (TGI's syntax): `org/name`, `org/name@revision` or "
+                 "`name=/local/path`. A request picks one with `adapter_id` (TGI API) or `model` (OpenAI API)."),
     _option("--cuda-graphs", metavar="SIZES",
             help="Decode batch sizes the shards capture as CUDA graphs, comma-separated (TGI's default: "
                  "1,2,4,8,16,32); 0: none. Default: none yet (see the README). CUDA with flash-attn only."),
@@ -127,6 +130,7 @@ _OPTIONS = [
     _router_option("--request-timeout"),
     _router_option("--client-header-timeout"),
     _router_option("--client-body-timeout"),
+    _router_option("--disable-playground"),
     _option("--usage-stats", type=click.Choice(config.USAGE_STATS_CHOICES, case_sensitive=False),
             help="Accepted for TGI compatibility; pytgi never sends usage statistics."),
     _option("-e", "--env", is_flag=True,

@@ -33,8 +33,10 @@ def _model_args(args: LauncherArgs) -> list[str]:
 
 
 def build_download_argv(args: LauncherArgs) -> list[str]:
-    """`download-weights`: resolve/convert the model once, before N shards load it."""
-    return [SHARD_EXE, "download-weights", *_model_args(args)]
+    """`download-weights`: resolve/convert the model and fetch the adapters once, before N shards
+    load them."""
+    argv = [SHARD_EXE, "download-weights", *_model_args(args)]
+    return argv + ["--lora-adapters", args.lora_adapters] if args.lora_adapters else argv
 
 
 def build_shard_argv(args: LauncherArgs, rank: int, world_size: int) -> list[str]:
@@ -53,6 +55,8 @@ def build_shard_argv(args: LauncherArgs, rank: int, world_size: int) -> list[str
         argv += ["--cuda-graphs", args.cuda_graphs]
     if args.speculate:
         argv += ["--speculate", str(args.speculate)]
+    if args.lora_adapters:
+        argv += ["--lora-adapters", args.lora_adapters]
     if args.shard_tcp_address:
         argv += ["--tcp-address", args.shard_tcp_address]
     return argv

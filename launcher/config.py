@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
+from pytgi_common.adapters import parse_lora_adapters
 from router.options import BY_NAME as ROUTER_OPTIONS
 from shard.graph_sizes import parse_cuda_graphs
 from shard.speculation import check_speculate
@@ -72,6 +73,7 @@ class LauncherArgs:
     max_batch_size: int | None = _router("max_batch_size")
     cuda_graphs: str | None = None  # TGI's format: "1,2,4,8", "0": none; None: the shards' default
     speculate: int = 0  # n-gram draft tokens a decode row may verify per step (shard/speculation.py)
+    lora_adapters: str | None = None  # TGI's list syntax (pytgi_common/adapters.py); the shards load them
     hostname: str = "0.0.0.0"
     port: int = 3000
     shard_uds_path: str | None = None  # None: {a private 0700 temp dir}/shard, made by the supervisor
@@ -108,6 +110,7 @@ class LauncherArgs:
     client_header_timeout: float = _router("client_header_timeout")
     client_body_timeout: float = _router("client_body_timeout")
     disable_prefix_caching: bool = _router("disable_prefix_caching")
+    disable_playground: bool = _router("disable_playground")
     usage_stats: str = "off"
     env: bool = False
     # Not flags: LOG_LEVEL (TGI's env-only filter), the GPUs cli.py counted (launcher/gpu.py: the
@@ -194,6 +197,7 @@ def validate(args: LauncherArgs) -> None:
         parse_cuda_graphs(args.cuda_graphs)  # the shard's own parser: one format, checked before any start
         Watermark(args.watermark_gamma, args.watermark_delta)  # the shard's own rule, likewise
         check_speculate(args.speculate)  # and again
+        parse_lora_adapters(args.lora_adapters, args.model_id)  # and again
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if not 0 < args.port < 65536:

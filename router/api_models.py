@@ -128,6 +128,8 @@ class Info(TypedDict):
     attention_impl: str
     model_impl: str
     num_shard: int
+    lora_adapters: list[str]
+    """The LoRA adapters requests may name (`adapter_id`, the OpenAI `model`), in launch order."""
 
 
 class ErrorResponse(TypedDict):

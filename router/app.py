@@ -22,21 +22,30 @@ from router.errors import (
 from router.http.auth import ApiKeys
 from router.http.docs import PUBLIC_PATHS as DOCS_PATHS, DocsRoutes
 from router.http.drain import DRAIN, Drain
+from router.http.playground import (
+    PAGE_PATHS as PLAYGROUND_PAGE,
+    PUBLIC_PATHS as PLAYGROUND_PATHS,
+    PlaygroundRoutes,
+)
 from router.http.probes import PROBE_PATHS, ProbeRoutes
 from router.openai.routes import END_USER, OPENAI_REQUEST, OpenAIRoutes
-from router.routes import TgiRoutes
+from router.routes import ADAPTER, TgiRoutes
 from router.state import STATE, AppState
 from router.tracing import tracing_middleware
 
 log = logging.getLogger(__name__)
 # Every other path needs the API key (when one is set), unknown paths included: deny by default.
-PUBLIC_PATHS = PROBE_PATHS | {"/info"} | DOCS_PATHS
+PUBLIC_PATHS = PROBE_PATHS | {"/info"} | DOCS_PATHS | PLAYGROUND_PATHS
+# Public to read only (GET, HEAD): GET / is the playground's page, POST / TGI's compat route.
+PUBLIC_READ_PATHS = PLAYGROUND_PAGE
 REQUEST_ID = web.RequestKey("request_id", str)
 DRAIN_RETRY_AFTER_SECONDS = 5  # long enough for a load balancer to drop this replica
 
 
-def is_public(path: str) -> bool:
-    return path in PUBLIC_PATHS
+def is_public(request: web.Request) -> bool:
+    if request.path in PUBLIC_READ_PATHS:
+        return request.method in ("GET", "HEAD")
+    return request.path in PUBLIC_PATHS
 
 
 def is_openai(request: web.Request) -> bool:
@@ -103,7 +112,7 @@ def auth_middleware(keys: ApiKeys):
 
     @web.middleware
     async def auth(request: web.Request, handler):
-        if is_public(request.path) or keys.accepts(request.headers.get("Authorization")):
+        if is_public(request) or keys.accepts(request.headers.get("Authorization")):
             return await handler(request)
         error = AuthenticationError("Incorrect API key provided." if is_openai(request) else "Unauthorized")
         return error_response(request, error, {"WWW-Authenticate": "Bearer"})
@@ -131,10 +140,11 @@ def request_id_middleware():
             status = 499  # nginx's "client closed request": the client left, the handler was cancelled
             raise
         finally:
-            if not is_public(request.path):
+            if not is_public(request):
                 user = f" user={request[END_USER]!r}" if END_USER in request else ""
-                log.info("%s %s %d %.0f ms%s", request.method, request.path, status,
-                         (time.monotonic() - start) * 1000, user)
+                adapter = f" adapter={request[ADAPTER]!r}" if ADAPTER in request else ""
+                log.info("%s %s %d %.0f ms%s%s", request.method, request.path, status,
+                         (time.monotonic() - start) * 1000, adapter, user)
             request_id.CURRENT.reset(token)
 
     return with_request_id
@@ -152,7 +162,7 @@ def drain_middleware(drain: Drain):
 
     @web.middleware
     async def admission(request: web.Request, handler):
-        if is_public(request.path):
+        if is_public(request):
             return await handler(request)
         if drain.is_draining:
             response = error_response(request, DrainingError(), {"Retry-After": str(DRAIN_RETRY_AFTER_SECONDS)})
@@ -273,7 +283,9 @@ def create_app(config: RouterConfig, state: AppState | None = None) -> web.Appli
     TgiRoutes(invocations=openai.invocations).add_to(app)
     ProbeRoutes(drain).add_to(app)
     openai.add_to(app)
-    DocsRoutes().add_to(app)
+    DocsRoutes(playground=not config.disable_playground).add_to(app)
+    if not config.disable_playground:
+        PlaygroundRoutes().add_to(app)
     app.on_startup.append(startup)
     app.on_startup.append(openai.startup)  # needs the state built by `startup`
     app.on_cleanup.append(cleanup)

@@ -42,7 +42,8 @@ class RouterConfig:
     tokenizer_config_path: str | None
     prefix_caching: bool
     log_level: str = "info"
-    # /v1/*: 404 for a `model` other than the served one (or "tgi")
+    # /v1/*: 404 for a `model` that is neither the served one (or "tgi") nor a LoRA adapter (with
+    # adapters loaded, an unknown `model` is a 404 anyway: router/openai/routes.py Context.select_model)
     strict_model_name: bool = _default("strict_model_name")
     # router.openai.reasoning.CHOICES: `<think>` → reasoning_content
     reasoning_parser: str = _default("reasoning_parser")
@@ -55,6 +56,7 @@ class RouterConfig:
     # connection open (or last response) → complete request headers
     client_header_timeout: float = _default("client_header_timeout")
     client_body_timeout: float = _default("client_body_timeout")  # headers → complete request body
+    disable_playground: bool = _default("disable_playground")  # no page on GET / (router/http/playground.py)
     # Not a flag (TGI has none): an idle stream gets an SSE comment this often (router/http/sse.py).
     # Under the 30-60 s idle limit of common proxies; tests shorten it.
     sse_keep_alive_seconds: float = 15.0

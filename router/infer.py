@@ -96,7 +96,7 @@ class Infer:
                         self.metrics.inter_token_latency.observe(now - last_token_at)
                     last_token_at = now
                     if event.finish is not None:
-                        self._record(event.finish)
+                        self._record(event.finish, valid.adapter_id)
                         end = event
                 yield event
         finally:
@@ -148,10 +148,13 @@ class Infer:
         ranked = sorted(results, key=lambda g: g.mean_logprob, reverse=True)
         return ranked[0], ranked[1:]
 
-    def _record(self, finish: Finish) -> None:
+    def _record(self, finish: Finish, adapter_id: str) -> None:
         m = self.metrics
         m.request_success.inc()
         m.generated_tokens.observe(finish.generated_tokens)
+        if adapter_id:
+            m.adapter_requests.labels(adapter_id).inc()
+            m.adapter_tokens.labels(adapter_id).inc(finish.generated_tokens)
         m.queue_duration.observe(max(finish.batched_at - finish.queued_at, 0))
         inference = finish.finished_at - finish.batched_at
         m.inference_duration.observe(inference)

@@ -81,6 +81,11 @@ class Metrics:
                                          "Router time to stream a step's tokens and filter the batch (s)",
                                          labels=("method",))
         self.batch_concat = counter("tgi_batch_concat", "New requests joined a running batch", ("reason",))
+        # Per LoRA adapter (none for base-model requests): what each fine-tune serves.
+        self.adapter_requests = counter("pytgi_adapter_request_success",
+                                        "Requests finished successfully, by LoRA adapter", ("adapter_id",))
+        self.adapter_tokens = counter("pytgi_adapter_generated_tokens", "Tokens generated, by LoRA adapter",
+                                      ("adapter_id",))
         self.skipped_tokens = histogram("tgi_request_skipped_tokens",
                                         "Draft tokens accepted in one step (--speculate)", tuple(range(17)))
 

@@ -86,6 +86,9 @@ OPTIONS: tuple[Option, ...] = (
        "Seconds the router waits for a request's headers (also the idle keep-alive limit)."),
     _o("client_body_timeout", float, 60.0,
        "Seconds the router waits for a request's body once its headers arrived (408 after)."),
+    _o("disable_playground", bool, False,
+       "Do not serve the browser playground: GET / then answers 405 as in TGI (POST /, the compat route, "
+       "is unaffected)."),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}

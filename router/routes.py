@@ -25,9 +25,17 @@ from router.events import ErrorEvent, Finish, TokenEvent, TokenInfo
 from router.http.sse import ClientGone, SseWriter
 from router.infer import Generated
 from router.schemas import parse_generate_request
-from router.state import STATE, AppState
+from router.state import STATE
+from router.validation import ValidRequest
 
 COMPUTE_TYPE = "cpu+optimized"
+# The LoRA adapter a request ran with (router/adapters.py): shown on its access line (router/app.py).
+ADAPTER = web.RequestKey("adapter", str)
+
+
+def note_adapter(request: web.Request, valid: ValidRequest) -> None:
+    if valid.adapter_id:
+        request[ADAPTER] = valid.adapter_id
 
 
 def token_json(token: TokenInfo) -> Token:
@@ -130,7 +138,7 @@ class TgiRoutes:
 
     async def generate(self, request: web.Request) -> web.Response:
         body = parse_generate_request(await read_json(request), compat=False)
-        return await self._generate(request.app[STATE], body, compat=False)
+        return await self._generate(request, body, compat=False)
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
         return await self._stream(request, parse_generate_request(await read_json(request), compat=False))
@@ -149,10 +157,11 @@ class TgiRoutes:
         body = parse_generate_request(await read_json(request) if body is None else body, compat=True)
         if body.stream:
             return await self._stream(request, body)
-        return await self._generate(request.app[STATE], body, compat=True)
+        return await self._generate(request, body, compat=True)
 
-    async def _generate(self, state: AppState, body, compat: bool) -> web.Response:
+    async def _generate(self, request: web.Request, body, compat: bool) -> web.Response:
         start = time.monotonic()
+        state = request.app[STATE]
         infer = state.infer
         state.metrics.request_count.inc()
         # TGI takes a permit before validating (an overloaded server answers 429 first), and one
@@ -161,6 +170,7 @@ class TgiRoutes:
         permits = 1
         try:
             valid = await infer.validate(body)
+            note_adapter(request, valid)
             if valid.parameters.best_of > 1:
                 infer.acquire(valid.parameters.best_of - 1)
                 permits = valid.parameters.best_of
@@ -183,6 +193,7 @@ class TgiRoutes:
         infer.acquire()
         try:
             valid = await infer.validate(body)
+            note_adapter(request, valid)
             writer = await SseWriter.open(request, {
                 "x-compute-type": COMPUTE_TYPE, "x-compute-characters": str(len(valid.input_text))},
                 keep_alive_seconds=state.config.sse_keep_alive_seconds)

@@ -9,6 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from pytgi_proto import generate_pb2 as pb
+from router.adapters import Adapters
 from router.api_models import Info
 from router.config import RouterConfig
 from router.grammar import validator as grammars
@@ -128,7 +129,8 @@ class AppState:
         no_grammar = config.disable_grammar_support or not info.supports_grammar
         # The shards compile each grammar before its request is queued, never in a step.
         grammar_validator = grammars.GrammarValidator(tokenizer, disabled=no_grammar, shards=client)
-        validator = Validator(tokenizer, limits, grammar_validator)
+        adapters = Adapters(config.model_id, tuple(info.adapter_ids))
+        validator = Validator(tokenizer, limits, grammar_validator, adapters)
         infer = Infer(validator, tokenizer, queue, metrics, config.max_concurrent_requests,
                       request_timeout=config.request_timeout, tracer=tracer)
         return cls(config, client, info, tokenizer, limits, metrics, batcher, infer)
@@ -180,6 +182,7 @@ class AppState:
             version=VERSION, sha=None, docker_label=None, block_size=limits.block_size,
             prefix_caching=config.prefix_caching and info.use_prefix_caching,
             attention_impl=info.attention_impl, model_impl=info.model_impl, num_shard=info.world_size,
+            lora_adapters=list(info.adapter_ids),
         )
 
 

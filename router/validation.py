@@ -30,7 +30,9 @@ because clients and tests compare them):
   `--disable-grammar-support` (or shards without grammar support) it is rejected, "grammar is
   not supported", never silently ignored. A `json` schema need not have `properties` (TGI
   requires it); failures read "grammar is not valid: <reason>".
-- `adapter_id` is parsed but not used (no LoRA adapters yet).
+- `adapter_id` names a LoRA adapter the shards loaded (router/adapters.py: the base model's id,
+  `tgi` or nothing mean none); an unknown one is a 422 here, never a shard error. Checked after
+  the rules of step 4 and before tokenizing (TGI has no router-side check to order it against).
 - Stop sequences are matched on the generated text (router side), not token ids; each is at most
   MAX_STOP_CHARS characters long (router/bounds.py): every token is matched against all of them.
 
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 from pytgi_common.grammar import GrammarError
 from pytgi_common.sampling import argmax_temperature, is_greedy
 from router import bounds
+from router.adapters import Adapters
 from router.errors import ContextLengthError, ValidationError
 from router.grammar.native import native_grammar
 from router.grammar.validator import GrammarNotSupported, GrammarValidator
@@ -90,6 +93,7 @@ class ValidRequest:
     input_length: int
     truncated: bool  # `truncate` dropped tokens from the left
     parameters: ValidParameters
+    adapter_id: str = ""  # a loaded LoRA adapter's id; "": the base model
 
 
 def _check(ok: bool, message: str, param: str | None = None) -> None:
@@ -98,10 +102,12 @@ def _check(ok: bool, message: str, param: str | None = None) -> None:
 
 
 class Validator:
-    def __init__(self, tokenizer: Tokenizer, limits: Limits, grammar: GrammarValidator | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, limits: Limits, grammar: GrammarValidator | None = None,
+                 adapters: Adapters | None = None) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
         self.grammar = grammar or GrammarValidator(tokenizer)
+        self.adapters = adapters or Adapters(base_model_id="")
 
     def check_stop(self, stop) -> tuple[str, ...]:
         """How many stop sequences, and how long: the one rule for both APIs (and /chat_tokenize)."""
@@ -190,6 +196,9 @@ class Validator:
         _check(truncate is None or 0 < truncate <= limits.max_input_tokens,
                f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {truncate}")
 
+        adapter_id = self.adapters.resolve(p.adapter_id)
+        _check(adapter_id is not None, f"`adapter_id`: {self.adapters.unknown(p.adapter_id or '')}", "adapter_id")
+
         if request.input_ids is not None:
             ids = list(request.input_ids)  # already tokens (OpenAI completions' token-id prompts)
         else:
@@ -245,6 +254,6 @@ class Validator:
         kept = tuple(ids[len(ids) - input_length:])
         return ValidRequest(
             input_ids=kept, input_text=request.inputs, input_length=input_length,
-            truncated=input_length < len(ids), parameters=parameters,
+            truncated=input_length < len(ids), parameters=parameters, adapter_id=adapter_id,
         )
 

@@ -7,6 +7,10 @@ step) and samples a new token only if that reaches the end of the known sequence
 chunked prefill, prefix hits (`cache_len`) and decode are therefore one code path. With
 speculation a decode row also computes this step's `draft` after its last token and samples at
 each of those positions too (shard/speculation.py); `advance` keeps the accepted run.
+
+A request may name a LoRA adapter (`RequestState.adapter`, its slot in the model's adapters);
+`prepare` groups every token row the step computes for it (prompt chunks, decode tokens, drafts)
+into the step's `LoraStep`, None when no row uses one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from shard.attention import AttentionMetadata, SeqStep, build_metadata
 from shard.grammar import GrammarMask, Grammars, GrammarState, step_mask
+from shard.layers.lora import LoraStep
 from pytgi_proto import generate_pb2 as pb
 from shard.sampling import Sampler, SampleOutput, SamplingParams
 from shard.speculation import Drafter, accepted_run, can_draft
@@ -60,6 +65,7 @@ class RequestState:
     grammar: GrammarState | None = None  # constrained decoding: the request's matcher
     drafter: Drafter | None = None  # speculation: None when the request never drafts
     draft: list[int] = field(default_factory=list)  # tokens this step verifies; empty between steps
+    adapter: int | None = None  # LoRA: the slot of the request's adapter in ModelInfo.adapter_ids; None: the base model
 
     @property
     def seq_len(self) -> int:
@@ -118,6 +124,7 @@ class StepInputs:
     sample_logits: list[int]  # their line in the logits
     # (row, first logits line, number of lines) of requests collecting prompt logprobs
     prompt_logit_spans: list[tuple[int, int, int]]
+    lora: LoraStep | None = None  # the rows that use an adapter; None: none does
 
 
 class StepRows(Protocol):
@@ -136,6 +143,7 @@ class Batch:
         self.sampler = sampler
         # Decided once per batch composition: batches without a grammar skip all grammar work.
         self.has_grammar = any(r.grammar is not None for r in requests)
+        self.has_adapter = any(r.adapter is not None for r in requests)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -143,7 +151,9 @@ class Batch:
     @classmethod
     def from_pb(cls, batch: pb.Batch, vocab_size: int, device: torch.device,
                 grammars: Grammars | None = None, seed_base: int | None = None,
-                watermark: Watermark = Watermark(), speculate: int = 0) -> "Batch":
+                watermark: Watermark = Watermark(), speculate: int = 0,
+                adapter_ids: Sequence[str] = ()) -> "Batch":
+        """`adapter_ids`: the LoRA adapters the model serves (ModelInfo.adapter_ids)."""
         if seed_base is None:
             seed_base = secrets.randbits(64)  # one rank (tests): nothing to agree with
         requests, params = [], []
@@ -153,6 +163,7 @@ class Batch:
                 raise ValueError(f"request {r.id}: empty input_ids")
             if r.cache_len >= len(r.input_ids):
                 raise ValueError(f"request {r.id}: cache_len {r.cache_len} must be < prompt length {len(r.input_ids)}")
+            adapter = _adapter_slot(r, adapter_ids)
             seed = r.parameters.seed if r.parameters.has_seed else unseeded_seed(seed_base, r.id)
             p = _params_from_pb(r.parameters, r.top_n_tokens, seed)
             drafts = speculate and can_draft(p, grammar, explicit_slots=bool(r.slots))
@@ -167,6 +178,7 @@ class Batch:
                 prompt_logprobs=[math.nan] * (r.cache_len + 1) if r.prefill_logprobs else [],
                 grammar=grammar,
                 drafter=Drafter(r.input_ids, speculate) if drafts else None,
+                adapter=adapter,
             ))
             params.append(p)
         sampler = Sampler.build(params, [s.prompt_ids for s in requests], [[] for _ in requests], vocab_size, device,
@@ -219,6 +231,7 @@ class Batch:
         seqs: list[SeqStep] = []
         logits_index: list[int] = []
         sample_rows, sample_logits, spans = [], [], []
+        adapter_spans: list[tuple[int, int, int]] = []  # (slot, first token, count)
         for row, r in enumerate(self.requests):
             start, n = r.num_computed, r.step_len
             if n <= 0:
@@ -227,6 +240,8 @@ class Batch:
             if r.slots is None and len(r.blocks) < needed:
                 raise ValueError(f"request {r.id}: {len(r.blocks)} blocks cannot hold {start + n} tokens")
             first = len(tokens)
+            if r.adapter is not None:
+                adapter_spans.append((r.adapter, first, n))
             tokens += r.step_tokens()
             positions += range(start, start + n)
             seqs.append(SeqStep(n, start + n, r.blocks, r.slots))
@@ -250,6 +265,7 @@ class Batch:
             sample_rows=sample_rows,
             sample_logits=sample_logits,
             prompt_logit_spans=spans,
+            lora=LoraStep.build(adapter_spans, num_tokens, device) if self.has_adapter else None,
         )
 
     def record_prompt_logprobs(self, inputs: StepRows, logits: torch.Tensor) -> None:
@@ -365,6 +381,16 @@ def _finish_reason(r: RequestState, token: int, eos_ids: frozenset[int]) -> int 
     if len(r.output_ids) >= r.max_new_tokens:
         return pb.FINISH_REASON_LENGTH
     return None
+
+
+def _adapter_slot(r: pb.Request, adapter_ids: Sequence[str]) -> int | None:
+    if not r.adapter_id:
+        return None
+    try:
+        return adapter_ids.index(r.adapter_id)
+    except ValueError:
+        served = ", ".join(adapter_ids) if adapter_ids else "none (no --lora-adapters)"
+        raise ValueError(f"request {r.id}: unknown adapter_id {r.adapter_id!r}; this shard serves {served}") from None
 
 
 def _grammar_state(r: pb.Request, grammars: Grammars | None) -> GrammarState | None:

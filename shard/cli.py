@@ -49,8 +49,11 @@ def _common(fn):
 @click.option("--speculate", type=int, default=None, envvar="SPECULATE", metavar="N",
               help="Speculative decoding: each greedy decode row drafts up to N tokens from its own prompt and "
                    "output (n-gram lookup) and verifies them in the same step; 0..16, default 0 (off).")
+@click.option("--lora-adapters", default=None, envvar="LORA_ADAPTERS", metavar="LIST",
+              help="LoRA adapters to load, comma-separated: id (a hub repo), id@revision, or name=path; requests "
+                   "pick one by id (Request.adapter_id). Llama-family fast path only.")
 def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_path, sharded, dtype, block_size,
-          device, quantize, tcp_address, cuda_graphs, speculate):
+          device, quantize, tcp_address, cuda_graphs, speculate, lora_adapters):
     """Load MODEL_ID (default: the bundled SmolLM2-135M-Instruct) and serve it over gRPC."""
     from shard.config import build_config
     from shard.log import setup_logging
@@ -60,7 +63,7 @@ def serve(model_id, revision, trust_remote_code, json_output, logger_level, uds_
             model_id, revision=revision, uds_path=uds_path, sharded=sharded, dtype=dtype,
             trust_remote_code=trust_remote_code, json_output=json_output, log_level=logger_level,
             block_size=block_size, device=device, quantize=quantize, tcp_address=tcp_address,
-            cuda_graphs=cuda_graphs, speculate=speculate,
+            cuda_graphs=cuda_graphs, speculate=speculate, lora_adapters=lora_adapters,
         )
     except ValueError as error:
         sys.exit(f"error: {error}")
@@ -81,6 +84,7 @@ def _load(config):
     from shard.engine import Engine
     from shard.kv_cache import cap_process_memory
     from shard.layers.quant import choose_quantize
+    from shard.lora import load_adapters
     from shard.model_source import ModelSourceError, gguf_origin, resolve_model
     from shard.models import UnsupportedModelError, get_model
     from shard.models.base import ModelContext
@@ -111,8 +115,12 @@ def _load(config):
             from shard.cpu_kernels import load_fused_ops
 
             fused_ops = load_fused_ops(config.cache_dir)
+        adapters = load_adapters(config.lora_adapters, hub_cache_dir=config.hub_cache_dir, offline=config.offline,
+                                 progress=log.info)
+        for adapter in adapters:
+            log.info("LoRA adapter %s", adapter.describe())
         ctx = ModelContext(tp, config.device, config.dtype, config.block_size, config.trust_remote_code, config.quantize,
-                           config.attention, cpu_kernel, fused_ops)
+                           config.attention, cpu_kernel, fused_ops, adapters)
         model = get_model(source.path, ctx)
     except (ModelSourceError, UnsupportedModelError, FileNotFoundError, KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
@@ -138,16 +146,23 @@ def _is_fast_path(folder) -> bool:
 
 @main.command("download-weights")
 @_common
-def download_weights(model_id, revision, trust_remote_code, json_output, logger_level):
-    """Resolve MODEL_ID into a local folder (download or GGUF conversion) and print its path."""
+@click.option("--lora-adapters", default=None, envvar="LORA_ADAPTERS", metavar="LIST",
+              help="LoRA adapters to fetch too (the syntax of serve's option); their folders are printed after the model's.")
+def download_weights(model_id, revision, trust_remote_code, json_output, logger_level, lora_adapters):
+    """Resolve MODEL_ID (and the LoRA adapters) into local folders (download or GGUF conversion) and
+    print their paths: done once by the launcher, so that N shards do not fetch them side by side."""
     from shard.config import build_config
     from shard.log import setup_logging
-    from shard.model_source import ModelSourceError, resolve_model
+    from shard.model_source import ModelSourceError, resolve_adapter, resolve_model
 
-    config = build_config(
-        model_id, revision=revision, uds_path="", sharded=False, dtype=None,
-        trust_remote_code=trust_remote_code, json_output=json_output, log_level=logger_level,
-    )
+    try:
+        config = build_config(
+            model_id, revision=revision, uds_path="", sharded=False, dtype=None,
+            trust_remote_code=trust_remote_code, json_output=json_output, log_level=logger_level,
+            lora_adapters=lora_adapters,
+        )
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     setup_logging(config.log_level, config.json_output, 0)
     try:
         source = resolve_model(
@@ -155,10 +170,13 @@ def download_weights(model_id, revision, trust_remote_code, json_output, logger_
             hub_cache_dir=config.hub_cache_dir, offline=config.offline,
             trust_remote_code=config.trust_remote_code, progress=log.info,
         )
+        adapters = [resolve_adapter(spec.source, revision=spec.revision, hub_cache_dir=config.hub_cache_dir,
+                                    offline=config.offline, progress=log.info) for spec in config.lora_adapters]
     except ModelSourceError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    print(source.path)
+    for path in (source.path, *adapters):
+        print(path)
 
 
 if __name__ == "__main__":

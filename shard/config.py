@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pytgi_common.adapters import AdapterSpec, parse_lora_adapters
 from shard.graph_sizes import parse_cuda_graphs
 from shard.speculation import check_speculate
 from shard.watermark import Watermark
@@ -74,6 +75,9 @@ class ShardConfig:
     # --speculate / SPECULATE (TGI's name): draft tokens a decode row may verify per step, by n-gram
     # lookup in its own ids (shard/speculation.py); 0: off.
     speculate: int = 0
+    # --lora-adapters / LORA_ADAPTERS (TGI's name and syntax, pytgi_common/adapters.py): the LoRA
+    # adapters to load (shard/lora.py), in the order given; requests name them by id.
+    lora_adapters: tuple[AdapterSpec, ...] = ()
 
     @property
     def tcp_address(self) -> str | None:
@@ -113,6 +117,7 @@ def build_config(
     tcp_address: str | None = None,
     cuda_graphs: str | None = None,
     speculate: int | None = None,
+    lora_adapters: str | None = None,
 ) -> ShardConfig:
     env = os.environ
     rank = int(env.get("RANK", "0"))
@@ -172,6 +177,7 @@ def build_config(
         tcp_base_port=tcp_base_port,
         cuda_graphs=parse_cuda_graphs(cuda_graphs),
         speculate=speculate or 0,
+        lora_adapters=parse_lora_adapters(lora_adapters, model_id or None),
     )
 
 

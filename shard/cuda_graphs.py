@@ -4,8 +4,10 @@ A replayed step: the batch's rows → `plan_decode` (host tensors padded to the 
 size that holds the batch) → two host→device copies into the static buffers → `replay()` → the
 first rows of the static logits. Every other step runs eagerly, as it would without graphs:
 `DecodeGraphs.plan` returns None for a prefill, a prompt chunk, a mixed step, a step with
-speculative drafts (several query tokens per row), a batch larger than every captured size, an
-explicit-slot request (the health probe) or a sequence longer than the static block table.
+speculative drafts (several query tokens per row), a step with a LoRA adapter row (its grouping
+changes every step; graphs are captured without adapters), a batch larger than every captured
+size, an explicit-slot request (the health probe) or a sequence longer than the static block
+table.
 
 Inside a graph nothing may depend on Python values that change per step, so decode attention is
 flash-attn's `flash_attn_with_kvcache`, whose lengths and block tables are tensors
@@ -153,6 +155,8 @@ def plan_decode(batch: Batch, sizes: tuple[int, ...], block_size: int, width: in
     for r in batch.requests:
         if r.slots is not None or r.num_computed != r.seq_len - 1 or r.is_prefilling or r.draft:
             return None  # a probe, a prompt (chunk) or a request with several tokens to compute
+        if r.adapter is not None:
+            return None  # LoRA: the captured forwards carry no adapter
         position = r.num_computed
         used = position // block_size + 1
         if used > width or len(r.blocks) < used:

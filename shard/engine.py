@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from shard.attention import SeqStep, build_metadata
 from shard.batch import Batch, StepRows
 from shard.config import ShardConfig
 from shard.cuda_graphs import DecodeGraphs, capture_decode_graphs
@@ -22,7 +24,7 @@ from shard.grammar import Grammars
 from shard.kv_cache import KVCache, TransientPeak, kv_budget
 from shard.models.base import CausalLM
 from shard.sampling import warm_up, warmup_rows
-from shard.speculation import draft_tokens
+from shard.speculation import MEASURED_SIZES, STEP_TOKENS, TOKEN_COST, StepCost, draft_tokens
 from pytgi_proto import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class Engine:
         # Decode forwards captured as CUDA graphs for `kv_cache` (end of warmup); None: all eager.
         self.graphs: DecodeGraphs | None = None
         self.batches: dict[int, Batch] = {}
+        # --speculate: what a step costs by its tokens; measured at warmup on a CPU (`_measure_steps`).
+        self.step_cost = StepCost.linear(TOKEN_COST[config.device.type])
         # Rank 0's random base for the seeds of requests that come without one: every rank must
         # sample the same tokens (a collective: every rank constructs its Engine).
         self.seed_base = int(tp.all_gather_object(secrets.randbits(64))[0])
@@ -58,7 +62,7 @@ class Engine:
             attention_impl=self.model.backend.name, block_size=self.block_size, vocab_size=info.vocab_size,
             max_position_embeddings=info.max_position_embeddings, eos_token_ids=list(info.eos_token_ids),
             model_path=str(self.model_path), model_impl=info.impl, world_size=self.tp.world_size,
-            supports_grammar=self.grammars.available,
+            supports_grammar=self.grammars.available, adapter_ids=list(info.adapter_ids),
         )
         if info.window_size:
             response.window_size = info.window_size
@@ -67,7 +71,7 @@ class Engine:
     def prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
         start = time.perf_counter_ns()
         batch = Batch.from_pb(request.batch, self.info.vocab_size, self.config.device, self.grammars,
-                              self.seed_base, self.config.watermark, self.config.speculate)
+                              self.seed_base, self.config.watermark, self.config.speculate, self.info.adapter_ids)
         concat_ns = None
         if request.HasField("cached_batch"):
             concat_start = time.perf_counter_ns()
@@ -154,6 +158,8 @@ class Engine:
                      "pass of %d rows)",
                      transient / 2**20, request.max_prefill_tokens,
                      warmup_rows(self.config.device, self.config.max_batch_size))
+        if self.config.speculate and self.config.device.type == "cpu":
+            self.step_cost = self._measure_steps()
         self.graphs = capture_decode_graphs(self.model, self.kv_cache, self.config, max_total)
         return pb.WarmupResponse(
             max_supported_total_tokens=capacity, max_input_tokens=max_input, max_total_tokens=max_total,
@@ -173,6 +179,14 @@ class Engine:
                 r.blocks.extend(range(next_block, next_block + count))
                 next_block += count
             r.stopping_parameters.max_new_tokens = min(r.stopping_parameters.max_new_tokens or 2, 2)
+            if self.info.adapter_ids:
+                # Every row through LoRA, so that the measured peak includes its temporaries: here
+                # one delta per projection ([tokens, out], one adapter over every row, nothing
+                # gathered). A step mixing adapters may take the padded layout instead
+                # (shard/layers/lora.py), which also gathers its inputs and pads up to 1.5x the
+                # rows: at most ~1.5 x [tokens, in] + 0.5 x [tokens, out] more, within the margin
+                # TGI_WIGGLE_ROOM leaves on CUDA (not measured there yet: no GPU run so far).
+                r.adapter_id = self.info.adapter_ids[0]
         try:
             response = self.prefill(pb.PrefillRequest(batch=batch))
             if response.HasField("batch"):
@@ -197,6 +211,39 @@ class Engine:
                 "after the prefill warmup; decrease --max-batch-size or --max-batch-prefill-tokens"
             ) from error
 
+    def _measure_steps(self, rounds: int = 3) -> StepCost:
+        """What a step of n query tokens costs here (shard/speculation.py StepCost): forwards of
+        one sequence computing n tokens at each of MEASURED_SIZES, logits at every one as when
+        verifying drafts, interleaved over `rounds`, medians. Run in the fresh cache's first
+        blocks, which no request holds yet. Every rank runs the same forwards (collectives) and
+        adopts rank 0's figures: the ranks must draft alike."""
+        context = 64  # cached tokens before the step's: a short chat turn's
+        blocks = list(range(1, 1 + -(-(context + STEP_TOKENS) // self.block_size)))
+        if len(blocks) >= self.kv_cache.num_blocks:
+            log.info("speculation: the KV cache is too small to measure steps in; assuming a linear cost")
+            return self.step_cost
+        device, start = self.config.device, time.perf_counter()
+        steps = []
+        for n in MEASURED_SIZES:
+            meta = build_metadata([SeqStep(n, context + n, blocks)], self.block_size, device, self.model.backend.layout)
+            ids = torch.zeros(n, dtype=torch.long, device=device)
+            positions = torch.arange(context, context + n, device=device)
+            rows = torch.arange(n, device=device)
+            steps.append(partial(self.model.forward, ids, positions, self.kv_cache, meta, rows))
+        times: list[list[float]] = [[] for _ in steps]
+        for _ in range(rounds + 1):  # the first round warms up
+            for n, forward in enumerate(steps):
+                began = time.perf_counter()
+                forward()
+                times[n].append(time.perf_counter() - began)
+        cost = StepCost.measured([sorted(t[1:])[len(t[1:]) // 2] for t in times],
+                                 floor=StepCost.linear(TOKEN_COST[device.type]))
+        cost = self.tp.all_gather_object(cost)[0]
+        log.info("speculation: a step of %s tokens costs %s one-token steps (measured in %.1f s)",
+                 "/".join(map(str, MEASURED_SIZES)), "/".join(f"{cost(n):.2f}" for n in MEASURED_SIZES),
+                 time.perf_counter() - start)
+        return cost
+
     # -- the step -----------------------------------------------------------------------------
 
     def _pop(self, batch_id: int) -> Batch:
@@ -207,18 +254,19 @@ class Engine:
 
     def _forward(self, batch: Batch) -> tuple[StepRows, torch.Tensor]:
         """The step's rows and logits: a replayed CUDA graph when the step is a pure decode (no
-        drafts) that fits a captured size, the eager forward otherwise."""
+        drafts, no adapter) that fits a captured size, the eager forward otherwise."""
         plan = self.graphs.plan(batch) if self.graphs is not None else None
         if plan is not None:
             return plan, self.graphs.replay(plan)
         inputs = batch.prepare(self.block_size, self.config.device, self.model.backend.layout)
         return inputs, self.model.forward(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta,
-                                          inputs.logits_index)
+                                          inputs.logits_index, lora=inputs.lora)
 
     def _step(self, batch: Batch, start_ns: int, concat_ns: int | None, response_type):
         if self.kv_cache is None:
             raise RuntimeError("the KV cache is not allocated: call Warmup first")
-        draft_tokens(batch.requests, self.block_size)  # --speculate: drafts ride in this step's forward
+        # --speculate: drafts ride in this step's forward, where they pay for their compute
+        draft_tokens(batch.requests, self.block_size, self.step_cost)
         inputs, logits = self._forward(batch)
         forward_end = time.perf_counter_ns()
         batch.record_prompt_logprobs(inputs, logits)

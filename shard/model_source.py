@@ -2,7 +2,8 @@
 
 The shard only ever loads one layout: config.json + *.safetensors + tokenizer files. Everything
 else (the bundled GGUF, a user's .gguf file, a hub id, a hub cache entry) is turned into that
-layout here, once, so the server's start-up path has a single fast loader.
+layout here, once, so the server's start-up path has a single fast loader. LoRA adapters
+(`resolve_adapter`) are found the same way: a local folder, or a hub repo through the cache.
 
 No environment variables are read here: the caller passes the cache dirs and the offline flag,
 so the behaviour is visible in the call and trivially testable.
@@ -81,7 +82,10 @@ def resolve_model(
         return ModelSource(BUNDLED_DISPLAY_ID, path, "gguf")
     local = _as_local_path(model_id)
     if local is None:
-        return _resolve_hub(model_id, revision, hub_cache_dir, offline, trust_remote_code, progress)
+        patterns = _HUB_ALLOW_PATTERNS + (("*.py",) if trust_remote_code else ())
+        path, origin = _resolve_hub(model_id, revision, hub_cache_dir, offline, progress,
+                                    _Wanted("model", patterns, _folder_problem))
+        return ModelSource(model_id, path, origin)
     if not local.exists():
         raise ModelSourceError(f"model path not found: {local}")
     if local.is_file():
@@ -149,59 +153,111 @@ def _folder_problem(path: Path) -> str | None:
     return "has no .safetensors weights"
 
 
+# ------------------------------------------------------------------------------------- adapters
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def resolve_adapter(
+    source: str,
+    *,
+    revision: str | None = None,
+    hub_cache_dir: Path | None = None,
+    offline: bool = False,
+    progress: Callable[[str], None] = print,
+) -> Path:
+    """The folder of a PEFT adapter (`--lora-adapters`' source): a local folder, or a hub repo
+    found as base models are (the HF cache first, at `revision`; downloaded unless offline)."""
+    local = _as_local_path(source)
+    if local is None:
+        wanted = _Wanted("adapter", (ADAPTER_CONFIG, ADAPTER_WEIGHTS), _adapter_problem)
+        return _resolve_hub(source, revision, hub_cache_dir, offline, progress, wanted)[0]
+    if revision is not None:
+        raise ModelSourceError(f"adapter {source}@{revision}: a revision names a hub commit, but {source} is a local path")
+    if not local.is_dir():
+        raise ModelSourceError(f"adapter path not found or not a folder: {local}")
+    problem = _adapter_problem(local)
+    if problem is not None:
+        raise ModelSourceError(f"adapter folder {local} {problem}")
+    return local.resolve()
+
+
+def _adapter_problem(path: Path) -> str | None:
+    """Why `path` is not a loadable PEFT adapter folder (completes "adapter folder X ..."), or None."""
+    if not (path / ADAPTER_CONFIG).is_file():
+        return f"has no {ADAPTER_CONFIG} (expected a PEFT adapter folder, as save_pretrained writes it)"
+    if (path / ADAPTER_WEIGHTS).is_file():
+        return None
+    if (path / "adapter_model.bin").is_file():
+        return (f"has adapter_model.bin but no {ADAPTER_WEIGHTS}; re-save it with "
+                "save_pretrained(folder, safe_serialization=True)")
+    return f"has no {ADAPTER_WEIGHTS}"
+
+
 # --------------------------------------------------------------------------------------------- hub
 
 
+@dataclass(frozen=True, slots=True)
+class _Wanted:
+    """What a hub look-up fetches: a base model or a LoRA adapter."""
+
+    kind: str  # "model" | "adapter": the first word of every message about it
+    patterns: tuple[str, ...]  # allow_patterns
+    problem: Callable[[Path], str | None]  # why a folder is not usable (completes "<kind> folder X ...")
+
+
 def _resolve_hub(
-    model_id: str,
+    repo_id: str,
     revision: str | None,
     hub_cache_dir: Path | None,
     offline: bool,
-    trust_remote_code: bool,
     progress: Callable[[str], None],
-) -> ModelSource:
+    wanted: _Wanted,
+) -> tuple[Path, str]:
+    """(folder, origin): "hf-cache" when the cache holds everything `wanted` needs, else "hub"."""
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    patterns = list(_HUB_ALLOW_PATTERNS) + (["*.py"] if trust_remote_code else [])
     kwargs: dict[str, Any] = dict(
         revision=revision,
         cache_dir=str(hub_cache_dir) if hub_cache_dir is not None else None,
-        allow_patterns=patterns,
+        allow_patterns=list(wanted.patterns),
         ignore_patterns=list(_HUB_IGNORE_PATTERNS),
     )
-    name = model_id if revision is None else f"{model_id}@{revision}"
-    # Cache first: no network round trip at all when the model is already there.
+    kind = wanted.kind
+    name = repo_id if revision is None else f"{repo_id}@{revision}"
+    # Cache first: no network round trip at all when the files are already there.
     cached: Path | None = None
     try:
-        cached = Path(huggingface_hub.snapshot_download(model_id, local_files_only=True, **kwargs))
+        cached = Path(huggingface_hub.snapshot_download(repo_id, local_files_only=True, **kwargs))
     except LocalEntryNotFoundError:
         pass
     except (OSError, ValueError) as e:
-        raise _hub_error(name, revision, e) from e
+        raise _hub_error(name, revision, e, kind) from e
     # The hub only knows the snapshot folder exists, not that it holds every file we need (a
     # config-only download leaves a partial snapshot), so check it ourselves.
-    if cached is not None and _folder_problem(cached) is None:
-        return ModelSource(model_id, cached, "hf-cache")
+    if cached is not None and wanted.problem(cached) is None:
+        return cached, "hf-cache"
     if offline:
         where = str(hub_cache_dir) if hub_cache_dir is not None else "the default Hugging Face cache"
         state = "is only partly in" if cached is not None else "is not in"
         raise ModelSourceError(
-            f"model {name} {state} the Hugging Face cache ({where}) and offline mode is on; "
+            f"{kind} {name} {state} the Hugging Face cache ({where}) and offline mode is on; "
             "download it first or turn offline mode off"
         )
     progress(f"downloading {name} ...")
     try:
-        path = Path(huggingface_hub.snapshot_download(model_id, **kwargs))
+        path = Path(huggingface_hub.snapshot_download(repo_id, **kwargs))
     except (OSError, ValueError) as e:
-        raise _hub_error(name, revision, e) from e
-    problem = _folder_problem(path)
+        raise _hub_error(name, revision, e, kind) from e
+    problem = wanted.problem(path)
     if problem is not None:
-        raise ModelSourceError(f"hub model {name} {problem}")
-    return ModelSource(model_id, path, "hub")
+        raise ModelSourceError(f"hub {kind} {name} {problem}")
+    return path, "hub"
 
 
-def _hub_error(name: str, revision: str | None, error: BaseException) -> ModelSourceError:
+def _hub_error(name: str, revision: str | None, error: BaseException, kind: str = "model") -> ModelSourceError:
     """Map huggingface_hub / requests failures to one line the user can act on."""
     import requests
     from huggingface_hub.errors import (
@@ -217,14 +273,14 @@ def _hub_error(name: str, revision: str | None, error: BaseException) -> ModelSo
     # (raised online when the hub can't be reached) is an HfHubHTTPError.
     if isinstance(error, GatedRepoError):
         return ModelSourceError(
-            f"model {name} is gated: accept its license on huggingface.co and log in (huggingface-cli login)"
+            f"{kind} {name} is gated: accept its license on huggingface.co and log in (huggingface-cli login)"
         )
     if isinstance(error, RepositoryNotFoundError):
         return ModelSourceError(
-            f"model {name} not found on the Hugging Face Hub (or it is private and no valid token is set)"
+            f"{kind} {name} not found on the Hugging Face Hub (or it is private and no valid token is set)"
         )
     if isinstance(error, RevisionNotFoundError):
-        return ModelSourceError(f"revision {(revision or 'main')!r} not found for model {name}")
+        return ModelSourceError(f"revision {(revision or 'main')!r} not found for {kind} {name}")
     if isinstance(error, (LocalEntryNotFoundError, requests.ConnectionError, requests.Timeout)):
         return ModelSourceError(
             f"cannot reach the Hugging Face Hub to download {name} and it is not in the cache; "
@@ -232,7 +288,7 @@ def _hub_error(name: str, revision: str | None, error: BaseException) -> ModelSo
         )
     if isinstance(error, HFValidationError):
         return ModelSourceError(
-            f"invalid model id {name!r}: not a local path and not a hub repo id (org/name)"
+            f"invalid {kind} id {name!r}: not a local path and not a hub repo id (org/name)"
         )
     if isinstance(error, HfHubHTTPError):
         return ModelSourceError(f"Hugging Face Hub error for {name}: {_first_line(error)}")

@@ -92,21 +92,29 @@ class Weights:
         return self._finish(part[tuple(index)])
 
     def get_heads(self, name: str, num_heads: int, head_dim: int, dim: int = 0, *, quantized: bool = False) -> Weight:
-        """This rank's heads of a per-head weight. With fewer heads than shards (GQA KV heads),
-        heads are replicated: rank r takes head r * num_heads // world_size."""
-        world, rank = self.tp.world_size, self.tp.rank
+        """This rank's heads of a per-head weight (`head_rows`)."""
+        world = self.tp.world_size
+        start, stop = head_rows(name, num_heads, head_dim, self.tp.rank, world)
         if num_heads >= world:
-            if num_heads % world:
-                raise ValueError(f"{name}: {num_heads} heads cannot be split over {world} shards")
             return self.get_sharded(name, dim, quantized=quantized)
-        if world % num_heads:
-            raise ValueError(f"{name}: {num_heads} heads cannot be replicated over {world} shards")
-        head = rank * num_heads // world
         native = self._native(name, quantized)
         if native is not None and dim == 0:
-            return native.rows(slice(head * head_dim, (head + 1) * head_dim))
+            return native.rows(slice(start, stop))
         part = self._slice(name)
         index = [slice(None)] * len(part.get_shape())
-        index[dim] = slice(head * head_dim, (head + 1) * head_dim)
+        index[dim] = slice(start, stop)
         return self._finish(part[tuple(index)])
 
+
+def head_rows(name: str, num_heads: int, head_dim: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of the rows (heads × head_dim) of a per-head weight that `rank` serves: an
+    even share of the heads, or with fewer heads than shards (GQA KV heads) head
+    rank * num_heads // world, replicated. LoRA's B follows the same rows (shard/layers/lora.py)."""
+    if num_heads >= world:
+        if num_heads % world:
+            raise ValueError(f"{name}: {num_heads} heads cannot be split over {world} shards")
+        return shard_range(num_heads * head_dim, rank, world)
+    if world % num_heads:
+        raise ValueError(f"{name}: {num_heads} heads cannot be replicated over {world} shards")
+    head = rank * num_heads // world
+    return head * head_dim, (head + 1) * head_dim

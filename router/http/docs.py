@@ -31,8 +31,9 @@ PUBLIC_PATHS = frozenset({DOCUMENT_PATH, "/docs", "/docs/", *(f"/docs/{name}" fo
 
 
 class DocsRoutes:
-    def __init__(self, assets: Path = Path(swagger_ui_path)) -> None:
+    def __init__(self, assets: Path = Path(swagger_ui_path), playground: bool = True) -> None:
         self._assets = assets
+        self._playground = playground  # the document lists the playground's routes only when served
         template = jinja2.Template((assets / "index.j2").read_text())
         # From /docs/, "../api-doc/openapi.json" is the document, with or without a path prefix.
         self._page = template.render(openapi_spec_url=f"..{DOCUMENT_PATH}")
@@ -47,7 +48,7 @@ class DocsRoutes:
     async def document(self, request: web.Request) -> web.Response:
         if self._document is None:
             # The limits the server enforces (router.limits.Limits), so the document shows them.
-            self._document = build_document(request.app[STATE].limits, VERSION, tuple(ASSETS))
+            self._document = build_document(request.app[STATE].limits, VERSION, tuple(ASSETS), self._playground)
         return web.json_response(self._document)
 
     async def redirect(self, request: web.Request) -> web.Response:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from router.api_models import ChatTokenizeResponse, ErrorResponse, GenerateResponse, Info, SimpleToken
+from router.http import playground
 from router.http.openapi_schemas import component_schemas, object_schema, ref
 from router.limits import Limits
 from router.openai.models import ChatCompletion, Completion, Model, ModelList, OpenAIErrorResponse
@@ -31,6 +32,7 @@ ROUTE_FAMILIES = {
     "/v1/chat/completions": "openai", "/v1/completions": "openai", "/v1/models": "openai",
     "/v1/models/{model}": "openai",
     DOCUMENT_PATH: "tgi", "/docs": "tgi", "/docs/": "tgi", "/docs/{asset}": "tgi",
+    playground.ASSET_PREFIX + "{asset}": "tgi",
 }
 
 
@@ -43,7 +45,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 _ERROR_STATUSES = {
     400: "Malformed JSON, or (OpenAI routes, /chat_tokenize) an invalid request.",
     401: "Missing or wrong API key (only with --api-key).",
-    404: "Unknown model (OpenAI routes with --strict-model-name), or not one of the UI's files (/docs).",
+    404: "Unknown model (OpenAI routes: with --strict-model-name or LoRA adapters loaded), or not one of "
+         "the UI's files (/docs, /playground).",
     408: "The body was not received within --client-body-timeout, or the request ran past --request-timeout.",
     413: "Body larger than --payload-limit.",
     415: "Body sent with a non-JSON Content-Type.",
@@ -159,8 +162,8 @@ def _openai_paths() -> dict[str, Any]:
         "/v1/completions": {"post": _operation(
             "OpenAI completions", "OpenAI", {"200": completion_ok, **_errors("openai", _OPENAI_ERRORS)},
             ref("CompletionRequest"), operation_id="completions")},
-        "/v1/models": {"get": _operation("The served model", "OpenAI", {
-            "200": _json(ref(ModelList), "One model."), **_errors("openai", (401, 503))},
+        "/v1/models": {"get": _operation("The served model and its LoRA adapters", "OpenAI", {
+            "200": _json(ref(ModelList), "The base model, then each adapter."), **_errors("openai", (401, 503))},
             operation_id="models")},
         "/v1/models/{model}": {"get": _operation("One model by id", "OpenAI", {
             "200": _json(ref(Model), "The model."), **_errors("openai", (401, 404, 503))},
@@ -188,13 +191,41 @@ def _docs_paths(asset_names: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def build_document(limits: Limits, version: str, asset_names: tuple[str, ...]) -> dict[str, Any]:
+def _playground_paths() -> dict[str, Any]:
+    """router/http/playground.py; absent with --disable-playground (GET / then answers 405, as in TGI)."""
+    asset_types = {media_type: {"schema": {"type": "string"}} for media_type in playground.ASSETS.values()}
+    asset_parameter = {"name": "asset", "in": "path", "required": True,
+                       "schema": {"type": "string", "enum": list(playground.ASSETS)}}
+    return {
+        "/": {"get": _operation("The browser playground (a page; public, it asks for the API key itself)",
+                                "Playground", {"200": {"description": "The page.", "content": {
+                                    "text/html": {"schema": {"type": "string"}}}}},
+                                operation_id="playground")},
+        playground.ASSET_PREFIX + "{asset}": {"get": _operation(
+            "The playground's files (shipped in the package)", "Playground", {
+                "200": {"description": "The file.", "content": asset_types}, **_errors("tgi", (404,))},
+            operation_id="playground_asset", parameters=[asset_parameter])},
+    }
+
+
+def _merge(*groups: dict[str, Any]) -> dict[str, Any]:
+    """Path items by path: `/` has TGI's POST and the playground's GET."""
+    paths: dict[str, Any] = {}
+    for group in groups:
+        for path, item in group.items():
+            paths.setdefault(path, {}).update(item)
+    return paths
+
+
+def build_document(limits: Limits, version: str, asset_names: tuple[str, ...], playground: bool = True) -> dict[str, Any]:
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": "pytgi", "version": version, "license": {"name": "Apache-2.0"},
                  "description": "Text Generation Inference compatible router (TGI and OpenAI APIs). "
                                 "With --api-key, every route except /health, /ping, /info, /metrics, "
-                                "/live, /ready and the docs needs `Authorization: Bearer <key>`."},
-        "paths": {**_tgi_paths(), **_openai_paths(), **_docs_paths(asset_names)},
+                                "/live, /ready, the docs and the playground's page and files (GET) needs "
+                                "`Authorization: Bearer <key>`."},
+        "paths": _merge(_tgi_paths(), _openai_paths(), _docs_paths(asset_names),
+                        _playground_paths() if playground else {}),
         "components": {"schemas": component_schemas(limits)},
     }

@@ -109,7 +109,7 @@ def _parameter_rules(limits: Limits) -> dict[str, dict[str, Any]]:
         "top_n_tokens": {"minimum": 0, "maximum": limits.max_top_n_tokens,
                          "description": "Return the n most likely tokens at each step."},
         "grammar": {"description": "Constrain the output to a JSON schema or a regular expression."},
-        "adapter_id": {"description": "LoRA adapter id (accepted, not used: no adapters are loaded)."},
+        "adapter_id": {"description": "LoRA adapter to run (one of `/info` `lora_adapters`; the model id, `tgi` or absent: the base model). Unknown: 422."},
     }
 
 
@@ -193,7 +193,10 @@ def _sampling_properties(limits: Limits) -> dict[str, Any]:
         "stream_options": nullable(object_schema({"include_usage": {"type": "boolean", "nullable": True}},
                                                  description="Only with `stream: true`.")),
         "user": {"type": "string", "nullable": True},
-        "model": {"type": "string", "nullable": True},
+        "model": {"type": "string", "nullable": True,
+                  "description": "A LoRA adapter's id runs it (`GET /v1/models`); the served model's id, `tgi` or "
+                                 "absent: the base model. Other names: the base model, or 404 `model_not_found` "
+                                 "when adapters are loaded or with --strict-model-name."},
     }
 
 

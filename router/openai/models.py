@@ -188,6 +188,8 @@ class Model(TypedDict):
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: NotRequired[str]
+    """A LoRA adapter's base model (absent on the base model itself)."""
 
 
 class ModelList(TypedDict):

@@ -34,7 +34,7 @@ from router.openai.constraints import Constraint, tool_prompt
 from router.openai.models import Model, ModelList
 from router.openai.requests import ChatRequest, Sampling, parse_chat_request, parse_completion_request
 from router.openai.responses import ChatShaper, CompletionShaper, TokenStrings
-from router.routes import read_json, tokenize_with_offsets
+from router.routes import note_adapter, read_json, tokenize_with_offsets
 from router.schemas import GenerateParameters, GenerateRequest
 from router.state import STATE, VERSION, AppState
 from router.validation import ValidRequest
@@ -119,6 +119,10 @@ async def check_constraint(validator, constraint: Constraint | None) -> None:
         raise InvalidRequestError(error.message, constraint.param, code="invalid_value") from error
 
 
+def model_not_found(message: str) -> RouterError:
+    return RouterError(message, status=404, error_type="model_not_found", param="model", code="model_not_found")
+
+
 def note_user(request: web.Request, user: str | None) -> None:
     if user:
         request[END_USER] = user[:bounds.MAX_LOGGED_USER]
@@ -140,19 +144,25 @@ class Context:
         # Importing transformers' renderer takes seconds: off the loop, and awaited before a render.
         self._warm = asyncio.get_running_loop().run_in_executor(None, self.template.warm_up)
 
-    def model_name(self, requested: str | None) -> str:
-        """The `model` to answer with: the request's (lenient, like TGI), or 404 when
-        --strict-model-name is set and it is neither the served model nor "tgi"."""
-        served = self.state.config.model_id
+    def select_model(self, requested: str | None) -> tuple[str, str]:
+        """The `model` to answer with, and the LoRA adapter it names ("": the base model; the rule:
+        router/adapters.py). Any other name runs the base model (lenient, like TGI) unless adapters
+        are loaded (a misspelt adapter must not silently run the base model) or
+        --strict-model-name is set: then it is a 404."""
+        adapters = self.state.infer.validator.adapters
         if requested is None:
-            return served
-        if self.state.config.strict_model_name and requested not in (served, "tgi"):
-            raise RouterError(f"The model `{requested}` does not exist (this server serves `{served}`).",
-                              status=404, error_type="model_not_found", param="model", code="model_not_found")
-        return requested
+            return self.state.config.model_id, ""
+        adapter = adapters.resolve(requested)
+        if adapter is None and (adapters.ids or self.state.config.strict_model_name):
+            raise model_not_found(f"The model {adapters.unknown(requested)}.")
+        return requested, adapter or ""
 
-    def model_card(self) -> Model:
-        return Model(id=self.state.config.model_id, object="model", created=self.created, owned_by="pytgi")
+    def model_cards(self) -> list[Model]:
+        """The base model, then each LoRA adapter (`parent`: the base model, as vLLM lists them)."""
+        base = self.state.config.model_id
+        return [Model(id=base, object="model", created=self.created, owned_by="pytgi"),
+                *(Model(id=adapter, object="model", created=self.created, owned_by="pytgi", parent=base)
+                  for adapter in self.state.infer.validator.adapters.ids)]
 
     async def render(self, chat: ChatRequest) -> str:
         await asyncio.shield(self._warm)
@@ -170,10 +180,11 @@ class Context:
             raise
 
     async def validate(self, prompt: str | list[int], sampling: Sampling, *, add_special_tokens: bool,
-                       top_n: int, what: str, decoder_input_details: bool = False,
+                       top_n: int, what: str, adapter_id: str, decoder_input_details: bool = False,
                        constraint=None) -> ValidRequest:
         ids = tuple(prompt) if isinstance(prompt, list) else None
         parameters = generate_parameters(sampling, top_n, decoder_input_details)
+        parameters.adapter_id = adapter_id
         # A token-id prompt is decoded only once it is known to fit: decoding is work proportional
         # to a length the client chose.
         request = GenerateRequest(inputs=prompt if ids is None else " ", parameters=parameters,
@@ -252,11 +263,12 @@ class OpenAIRoutes:
         with Permits(ctx.state) as permits:
             chat = parse_chat_request(body, ctx.limits)
             note_user(request, chat.user)
-            model = ctx.model_name(chat.model)
+            model, adapter_id = ctx.select_model(chat.model)
             constraint = chat.constraint
             prompt = await ctx.render(chat)
-            valid = await ctx.validate(prompt, chat.sampling, add_special_tokens=False,
-                                       top_n=chat.top_logprobs, what="messages", constraint=constraint)
+            valid = await ctx.validate(prompt, chat.sampling, add_special_tokens=False, top_n=chat.top_logprobs,
+                                       what="messages", adapter_id=adapter_id, constraint=constraint)
+            note_adapter(request, valid)
             await check_constraint(ctx.grammars, constraint)
             valids = per_choice(valid, chat.sampling.n)
             permits.cover(len(valids))
@@ -282,14 +294,15 @@ class OpenAIRoutes:
         with Permits(ctx.state) as permits:
             req = parse_completion_request(body, ctx.limits)
             note_user(request, req.user)
-            model = ctx.model_name(req.model)
+            model, adapter_id = ctx.select_model(req.model)
             sampling = req.sampling
             score_only = sampling.max_tokens == 0  # echo + max_tokens 0: the prompt's logprobs only
             details = req.echo and req.logprobs is not None
             valids, prompt_indexes, texts, prompt_tokens = [], [], [], 0
             for index, prompt in enumerate(req.prompts):
                 valid = await ctx.validate(prompt, sampling, add_special_tokens=True, top_n=req.logprobs or 0,
-                                           what="prompt", decoder_input_details=details)
+                                           what="prompt", adapter_id=adapter_id, decoder_input_details=details)
+                note_adapter(request, valid)
                 prompt_tokens += valid.input_length
                 texts.append(valid.input_text)
                 valids += per_choice(valid, sampling.n)
@@ -344,14 +357,14 @@ class OpenAIRoutes:
     # ---------------------------------------------------------------------- models, tokenize
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(ModelList(object="list", data=[self.ctx.model_card()]))
+        return web.json_response(ModelList(object="list", data=self.ctx.model_cards()))
 
     async def model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if name != self.ctx.state.config.model_id:
-            raise RouterError(f"The model `{name}` does not exist.", status=404, error_type="model_not_found",
-                              param="model", code="model_not_found")
-        return web.json_response(self.ctx.model_card())
+        for card in self.ctx.model_cards():
+            if card["id"] == name:
+                return web.json_response(card)
+        raise model_not_found(f"The model `{name}` does not exist.")
 
     async def chat_tokenize(self, request: web.Request) -> web.Response:
         """TGI's `/chat_tokenize`: the templated prompt and its tokens (TGI error shape)."""

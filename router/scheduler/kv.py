@@ -25,6 +25,7 @@ class Allocation:
 
     blocks: list[int]
     cache_len: int
+    namespace: str = ""  # the prefix-cache namespace its blocks belong to: the LoRA adapter id
     released: bool = False
 
 
@@ -75,8 +76,9 @@ class KVManager:
         idle = self.cache.num_idle_blocks if self.cache is not None else 0
         return self.allocator.num_used - idle
 
-    def allocate(self, prompt_ids: Sequence[int], num_tokens: int) -> Allocation | None:
-        """Reserve blocks for `num_tokens` tokens in total, reusing a cached prefix of `prompt_ids`.
+    def allocate(self, prompt_ids: Sequence[int], num_tokens: int, namespace: str = "") -> Allocation | None:
+        """Reserve blocks for `num_tokens` tokens in total, reusing a cached prefix of `prompt_ids`
+        computed in the same `namespace` (the LoRA adapter: its K/V differ from the base model's).
 
         Pass an empty `prompt_ids` to bypass the cache (e.g. when prompt logprobs must be computed
         for every token). Returns None, holding nothing, when the blocks are not available.
@@ -86,7 +88,7 @@ class KVManager:
         cached: list[int] = []
         cache_len = 0
         if self.cache is not None and prompt_ids:
-            match = self.cache.match(prompt_ids)  # increfs: evict() below cannot take these
+            match = self.cache.match(prompt_ids, namespace)  # increfs: evict() below cannot take these
             cached, cache_len = match.blocks, match.num_tokens
         fresh = self._take(self.allocator.blocks_for(num_tokens) - len(cached))
         if fresh is None:
@@ -98,14 +100,14 @@ class KVManager:
             self.prefix_query_tokens += len(prompt_ids)
             self.prefix_hits += cache_len > 0
             self.prefix_queries += 1
-        return Allocation(blocks=cached + fresh, cache_len=cache_len)
+        return Allocation(blocks=cached + fresh, cache_len=cache_len, namespace=namespace)
 
     def share_prompt(self, allocation: Allocation, prompt_ids: Sequence[int]) -> None:
         """Offer a request's prompt blocks to the prefix cache as soon as their K/V exist (its
         prefill finished), so requests arriving while it still runs — like the other `n` choices
         of one OpenAI request — reuse them. No-op without prefix caching."""
         if self.cache is not None and not allocation.released:
-            self.cache.insert(prompt_ids, allocation.blocks)
+            self.cache.insert(prompt_ids, allocation.blocks, allocation.namespace)
 
     def release(self, allocation: Allocation, token_ids: Sequence[int] | None = None) -> None:
         """Give the request's blocks back, first offering its full blocks to the prefix cache.
@@ -117,7 +119,7 @@ class KVManager:
         self._check_live(allocation)
         if token_ids is not None and self.cache is not None:
             capacity = len(allocation.blocks) * self.block_size
-            self.cache.insert(token_ids[:capacity], allocation.blocks)
+            self.cache.insert(token_ids[:capacity], allocation.blocks, allocation.namespace)
         self.allocator.free(allocation.blocks)
         allocation.released = True
 

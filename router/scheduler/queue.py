@@ -72,7 +72,7 @@ class Queue:
                 break
             # Prompt logprobs need every prompt position computed: no prefix reuse for them.
             prompt = () if params.decoder_input_details else entry.request.input_ids
-            allocation = self.kv.allocate(prompt, max(num_tokens, 1))
+            allocation = self.kv.allocate(prompt, max(num_tokens, 1), entry.request.adapter_id)
             if allocation is None:
                 self._entries.appendleft(entry)
                 break
@@ -144,5 +144,6 @@ def _to_pb(entry: Entry) -> pb.Request:
         ),
         prefill_logprobs=params.decoder_input_details,
         top_n_tokens=params.top_n_tokens,
+        adapter_id=request.adapter_id,
     )
     return message

@@ -6,6 +6,11 @@ few-shot examples) skips recomputing it. Every edge is one whole block: the key 
 `block_size` token ids stored in that block, the value the block id. Partially filled blocks are
 never cached because their tail would be overwritten by the next request that extends them.
 
+Namespaces: K/V depends on more than the tokens when a LoRA adapter changes the k/v projections,
+so a prefix is only ever shared between requests of the same adapter. A namespace other than ""
+is folded into the key of its first block (`(namespace, *ids)`), which no plain block key equals:
+one tree, one LRU, and no cross-adapter hit.
+
 Ownership: the cache holds exactly one allocator reference on every block it stores; a request that
 matched a prefix holds its own references. So a cached block with allocator refcount 1 is used by
 nobody but the cache and may be evicted, and the allocator needs no idea that a cache exists.
@@ -35,10 +40,10 @@ class PrefixMatch:
 
 @dataclass(slots=True, eq=False)
 class _Node:
-    key: tuple[int, ...]
+    key: tuple[int | str, ...]  # a block's ids; a first block under a namespace starts with it
     block: int
     parent: _Node | None
-    children: dict[tuple[int, ...], _Node] = field(default_factory=dict)
+    children: dict[tuple[int | str, ...], _Node] = field(default_factory=dict)
     last_access: int = 0
     alive: bool = True
 
@@ -100,7 +105,7 @@ class RadixCache:
 
     # -- lookup / insertion ----------------------------------------------------------------------
 
-    def match(self, token_ids: Sequence[int]) -> PrefixMatch:
+    def match(self, token_ids: Sequence[int], namespace: str = "") -> PrefixMatch:
         """Longest cached prefix of full blocks, leaving at least one prompt token to compute.
 
         The prefill must run the model on at least one token to produce the first logits, hence the
@@ -110,7 +115,7 @@ class RadixCache:
         max_blocks = (len(token_ids) - 1) // self._block_size if token_ids else 0
         node = self._root
         path: list[_Node] = []
-        for key in self._keys(token_ids, max_blocks):
+        for key in self._keys(token_ids, max_blocks, namespace):
             child = node.children.get(key)
             if child is None:
                 break
@@ -122,7 +127,7 @@ class RadixCache:
             self._touch(path)
         return PrefixMatch(blocks=blocks, num_tokens=len(blocks) * self._block_size)
 
-    def insert(self, token_ids: Sequence[int], blocks: Sequence[int]) -> None:
+    def insert(self, token_ids: Sequence[int], blocks: Sequence[int], namespace: str = "") -> None:
         """Record the full blocks of `token_ids`, whose K/V is stored in `blocks` (block i holds tokens
         ``i*block_size .. (i+1)*block_size-1``).
 
@@ -134,7 +139,7 @@ class RadixCache:
             raise ValueError(f"{len(token_ids)} tokens need {num_full} full blocks, got {len(blocks)}")
         node = self._root
         path: list[_Node] = []
-        for i, key in enumerate(self._keys(token_ids, num_full)):
+        for i, key in enumerate(self._keys(token_ids, num_full, namespace)):
             child = node.children.get(key)
             if child is None:
                 block = blocks[i]
@@ -188,10 +193,11 @@ class RadixCache:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _keys(self, token_ids: Sequence[int], num_blocks: int) -> Iterator[tuple[int, ...]]:
+    def _keys(self, token_ids: Sequence[int], num_blocks: int, namespace: str) -> Iterator[tuple[int | str, ...]]:
         bs = self._block_size
         for i in range(num_blocks):
-            yield tuple(token_ids[i * bs : (i + 1) * bs])
+            block = tuple(token_ids[i * bs : (i + 1) * bs])
+            yield (namespace, *block) if namespace and i == 0 else block
 
     def _touch(self, path: list[_Node]) -> None:
         # Ancestors get the same stamp as their descendants, so a parent is never older than its

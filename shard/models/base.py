@@ -11,6 +11,8 @@ from shard.attention import AttentionMetadata, Backend
 from shard.cpu_kernels import FusedOps, PagedAttention
 from shard.distributed import TPGroup
 from shard.kv_cache import KVCache, KVCacheSpec
+from shard.layers.lora import LoraStep
+from shard.lora import LoraAdapter
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,7 @@ class ModelContext:
     attention: str = "paged"  # ShardConfig.attention
     cpu_kernel: PagedAttention | None = None  # the compiled paged-attention kernel, when it built (cpu_kernels.py)
     fused_ops: FusedOps | None = None  # the compiled per-layer CPU kernels, when they built (cpu_kernels.py)
+    lora_adapters: tuple[LoraAdapter, ...] = ()  # --lora-adapters, read and checked (shard/lora.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,7 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     kv_spec: KVCacheSpec
     window_size: int | None = None
+    adapter_ids: tuple[str, ...] = ()  # the LoRA adapters loaded; a request's adapter is its index here
 
 
 class CausalLM(Protocol):
@@ -47,5 +51,6 @@ class CausalLM(Protocol):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         logits_index: torch.Tensor | None,  # [N] tokens whose logits are needed (None: all)
+        lora: LoraStep | None = None,  # the step's rows that use an adapter (None: none does)
     ) -> torch.Tensor:  # [N, vocab] float32
         ...

@@ -19,8 +19,9 @@ No [T, T] mask is built: `masking_utils` returns no mask for an attention implem
 not registered in `AttentionMaskInterface` (the path transformers keeps for TGI/vLLM-style
 backends), and we deliberately do not register one.
 
-Not supported (refused with a clear error at load): tensor parallelism, models whose code does
-not route attention through `ALL_ATTENTION_FUNCTIONS`, attention logit soft-capping and
+Not supported (refused with a clear error at load): tensor parallelism, LoRA adapters (their
+projections are inside transformers' modules, which take no per-row adapter), models whose code
+does not route attention through `ALL_ATTENTION_FUNCTIONS`, attention logit soft-capping and
 attention sinks. Sliding-window models serve only contexts the window covers, as on the fast path.
 """
 
@@ -39,6 +40,7 @@ from shard.attention import (
     AttentionMetadata, AttentionPlan, Backend, SeqStep, build_metadata, plan_attention, select_backend,
 )
 from shard.kv_cache import KVCache, KVCacheSpec
+from shard.layers.lora import LoraStep
 from shard.models import UnsupportedModelError
 from shard.models.base import ModelContext, ModelInfo
 
@@ -160,6 +162,11 @@ class TransformersModel:
                 f"the transformers fallback for {arch} does not support --num-shard > 1; use a fast-path "
                 "architecture (Llama, Mistral, Qwen2, Qwen3) or serve this model on a single shard"
             )
+        if ctx.lora_adapters:
+            raise UnsupportedModelError(
+                f"--lora-adapters are served by the fast-path architectures (Llama, Mistral, Qwen2, Qwen3), not by "
+                f"the transformers fallback serving {arch}"
+            )
         if ctx.quantize:
             raise UnsupportedModelError(
                 f"--quantize {ctx.quantize} is implemented for the fast-path architectures (Llama, Mistral, "
@@ -214,6 +221,7 @@ class TransformersModel:
         return logits.float(), step.layers
 
     def forward(
-        self, input_ids, positions, kv_cache: KVCache, meta: AttentionMetadata, logits_index
+        self, input_ids, positions, kv_cache: KVCache, meta: AttentionMetadata, logits_index, lora: LoraStep | None = None
     ) -> torch.Tensor:
+        """`lora` is always None: no adapter is loaded here (`load`), so no request can name one."""
         return self._forward(input_ids, positions, kv_cache, meta, logits_index)[0]

@@ -225,3 +225,20 @@ def test_cuda_graphs_format_is_checked_before_starting(launched, value):
     assert result.exit_code == 2 and args is None
     message = f"--cuda-graphs must be positive batch sizes separated by commas, or 0 (got {value!r})"
     assert result.stderr == f"error: {message}\n"
+
+
+def test_lora_adapters_from_the_flag_or_tgis_env_var(launched):
+    result, (args, _) = launched(env={"LORA_ADAPTERS": "org/a,b=/tmp/b@v1"})
+    assert result.exit_code == 0 and args.lora_adapters == "org/a,b=/tmp/b@v1"
+
+
+@pytest.mark.parametrize("value,message", [
+    ("a=b=c", "Invalid LoRA adapter format: 'a=b=c' (expected id, id@revision or id=path)"),
+    ("org/a,,b", "Invalid LoRA adapter format: '' (expected id, id@revision or id=path)"),
+    ("tgi=/tmp/x", "Invalid LoRA adapter id 'tgi': it is reserved for the base model"),
+    ("a=/x,a=/y", "LoRA adapter id 'a' is given twice"),
+])
+def test_lora_adapters_format_is_checked_before_starting(launched, value, message):
+    result, (args, _) = launched(["--lora-adapters", value])
+    assert result.exit_code == 2 and args is None
+    assert result.stderr == f"error: {message}\n"

@@ -38,6 +38,9 @@ def test_shards_run_on_cuda_when_the_launcher_counted_gpus():
 def test_download_argv():
     assert commands.build_download_argv(LauncherArgs(model_id="org/m", revision="main")) == [
         "text-generation-server", "download-weights", "org/m", "--revision", "main", "--logger-level", "INFO"]
+    # The adapters are fetched by the same one process, not by every shard at once.
+    assert commands.build_download_argv(LauncherArgs(lora_adapters="a=/x,org/b@v1"))[-2:] == [
+        "--lora-adapters", "a=/x,org/b@v1"]
 
 
 def test_shard_env():
@@ -149,3 +152,11 @@ def test_cuda_graphs_reach_the_shards_only_when_set():
     assert argv(cuda_graphs="1,2,4")[-2:] == ["--cuda-graphs", "1,2,4"]
     assert argv(cuda_graphs="0")[-2:] == ["--cuda-graphs", "0"]
     assert "--cuda-graphs" not in argv()  # the shards' default
+
+
+def test_lora_adapters_reach_the_shards_only_when_set():
+    def argv(**fields):
+        return commands.build_shard_argv(LauncherArgs(shard_uds_path="/tmp/p", **fields), 0, 1)
+
+    assert argv(lora_adapters="org/a,b=/tmp/b")[-2:] == ["--lora-adapters", "org/a,b=/tmp/b"]
+    assert "--lora-adapters" not in argv()

@@ -16,7 +16,7 @@ from router.scheduler.queue import Queue
 from router.validation import ValidParameters, ValidRequest
 
 
-def valid_request(input_ids, max_new_tokens: int = 4, **overrides) -> ValidRequest:
+def valid_request(input_ids, max_new_tokens: int = 4, adapter_id: str = "", **overrides) -> ValidRequest:
     params = dict(
         temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, min_p=0.0, do_sample=False, seed=None,
         repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, watermark=False,
@@ -26,7 +26,7 @@ def valid_request(input_ids, max_new_tokens: int = 4, **overrides) -> ValidReque
     params.update(overrides)
     ids = tuple(input_ids)
     return ValidRequest(input_ids=ids, input_text="", input_length=len(ids), truncated=False,
-                        parameters=ValidParameters(**params))
+                        parameters=ValidParameters(**params), adapter_id=adapter_id)
 
 
 class EngineClient:
@@ -120,3 +120,19 @@ def serving(engine, tokenizer, *, block_size: int = 4, num_tokens: int = 2048, s
     batcher = Batcher(client, queue, kv, limits, metrics, policy)
     infer = Infer(None, tokenizer, queue, metrics, max_concurrent_requests=64, tracer=tracer)
     return Serving(client, kv, queue, batcher, metrics, infer)
+
+
+def serve_app(make_app, scenario):
+    """`scenario(client)` against the aiohttp app `make_app()` builds, on a test server (the app is
+    made inside the event loop); its result."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def main():
+        client = TestClient(TestServer(make_app()))
+        try:
+            await client.start_server()
+            return await scenario(client)
+        finally:
+            await client.close()
+
+    return asyncio.run(main())

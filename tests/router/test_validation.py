@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from router import tokenizer as tokenizer_module
+from router.adapters import Adapters
 from router.errors import ValidationError
 from router.grammar.validator import GrammarValidator
 from router.limits import Limits
@@ -416,3 +417,23 @@ def test_concurrent_validation(validator):
     for valid, text in zip(results, texts):
         assert valid.input_text == text and valid.input_length == min(8, len(validator.tokenizer.encode(text)))
 
+
+
+@pytest.mark.parametrize("adapter_id,expected", [(None, ""), ("", ""), ("tgi", ""), ("served/model", ""),
+                                                 ("org/sql", "org/sql"), ("chat", "chat")])
+def test_adapter_id_names_a_loaded_adapter(validator, adapter_id, expected):
+    with_adapters = Validator(validator.tokenizer, LIMITS, adapters=Adapters("served/model", ("org/sql", "chat")))
+    request = parse_generate_request({"inputs": "Hello", "parameters": {"adapter_id": adapter_id}}, compat=False)
+    assert asyncio.run(with_adapters.validate(request)).adapter_id == expected
+
+
+def test_unknown_adapter_id_is_a_422(validator):
+    with_adapters = Validator(validator.tokenizer, LIMITS, adapters=Adapters("served/model", ("org/sql",)))
+    request = parse_generate_request({"inputs": "Hello", "parameters": {"adapter_id": "org/sq"}}, compat=False)
+    with pytest.raises(ValidationError) as info:
+        asyncio.run(with_adapters.validate(request))
+    assert info.value.status == 422 and info.value.param == "adapter_id"
+    assert info.value.message == ("Input validation error: `adapter_id`: `org/sq` is neither the base model "
+                                  "(`served/model`) nor a loaded LoRA adapter (loaded: `org/sql`)")
+    # Without adapters every id but the base model's names nothing.
+    assert "(loaded: none)" in error(validator, adapter_id="org/sql")

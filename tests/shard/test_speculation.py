@@ -30,12 +30,19 @@ from shard.model_source import resolve_model
 from shard.models import get_model
 from shard.models.base import ModelContext
 from shard.sampling import SamplingParams
-from shard.speculation import Drafter, accepted_run, can_draft, draft_tokens
+from shard.speculation import (
+    MEASURED_SIZES, TOKEN_COST, Drafter, StepCost, accepted_run, can_draft, draft_tokens,
+)
 from tests.conftest import default_cache_dir, make_config, make_engine
 from tests.shard.helpers import BlockPool, chat, generations, greedy_request, token_ids
 
 CPU = torch.device("cpu")
 VOCAB = 32
+LINEAR = StepCost.linear(TOKEN_COST["cpu"])  # a step's cost without a measurement
+# A step's time at each of MEASURED_SIZES, shaped as measured on a 2-vCPU AMD EPYC (AVX-512, fp32):
+# 2-3 tokens dearer than 4-5 (MKL runs them as repeated matrix-vector products).
+SECONDS = [1.0, 1.84, 2.35, 1.45, 1.5, 1.55, 1.7, 1.9, 2.07, 2.3, 2.6]
+BARE = StepCost.measured(SECONDS, floor=StepCost.linear(0.0))  # the table alone
 
 
 # --- the drafter -----------------------------------------------------------------------------
@@ -78,27 +85,31 @@ def test_prompt_index_is_bounded(monkeypatch):
     assert drafter.ids == [1, 1, 1, 7] and drafter.propose([8], 4) == []  # [7 8] fell out of the window
 
 
-def test_draft_length_adapts_and_failing_drafts_pause():
+def test_acceptance_estimate_and_failing_drafts_pause():
     drafter = Drafter([1, 2, 3, 1, 2], 4)
-    drafter.record(4, 4)
-    assert drafter.length == 4
-    drafter.record(4, 1)
-    assert drafter.length == 2  # what was accepted, plus one
-    drafter.record(2, 2)
-    assert drafter.length == 4  # doubled after a full acceptance
+    assert drafter.rate == 1.0  # optimistic: a new request drafts in full once
     for _ in range(speculation.MISS_LIMIT):
         assert drafter.pause == 0
-        drafter.record(drafter.length, 0)
-    assert drafter.length == 1 and drafter.pause == speculation.MIN_PAUSE
+        drafter.record(4, 0)
+    assert drafter.rate == pytest.approx(1 / (1 + 1 + 0.9 + 0.81))  # ~0.27
+    assert drafter.pause == speculation.MIN_PAUSE
     for _ in range(speculation.MIN_PAUSE):
         assert drafter.propose([], 4) == []
-    assert drafter.propose([], 4) == [3]
+    assert drafter.propose([], 4) == [3, 1, 2, 3]  # whatever the estimate: the step decides
     for _ in range(speculation.MISS_LIMIT):
         drafter.record(1, 0)
     assert drafter.pause == 2 * speculation.MIN_PAUSE  # failing again: a longer pause
     drafter.record(1, 1)
-    assert drafter.next_pause == speculation.MIN_PAUSE and drafter.length == 2
-    assert drafter.accepted == 4 + 1 + 2 + 1 and drafter.acceptance == drafter.accepted / drafter.proposed
+    assert drafter.next_pause == speculation.MIN_PAUSE
+    assert drafter.accepted == 1 and drafter.acceptance == 1 / (4 * 3 + 3 + 1)
+    # A request that has been copying keeps most of its estimate through a miss.
+    copying = Drafter([1, 2, 3, 1, 2], 4)
+    for _ in range(10):
+        copying.record(4, 4)
+    copying.record(4, 0)
+    assert copying.rate > 0.9
+    copying.record(4, 2)  # two accepted, then one rejected
+    assert copying.hits == pytest.approx(0.9 * 0.9 * sum(4 * 0.9**i for i in range(10)) + 2)
 
 
 def test_which_rows_may_draft():
@@ -129,7 +140,7 @@ def request(request_id: int, prompt: list[int], max_new: int, blocks: list[int],
 
 def step(batch: Batch, choices: list[int], eos: frozenset[int] = frozenset()):
     """One engine step with a fake model whose choice at each sampled line is `choices`."""
-    draft_tokens(batch.requests, BLOCK)
+    draft_tokens(batch.requests, BLOCK, LINEAR)
     inputs = batch.prepare(BLOCK, CPU)
     logits = torch.zeros(len(inputs.logits_index), VOCAB)
     for line, token in zip(inputs.sample_logits, choices, strict=True):
@@ -158,7 +169,7 @@ def test_a_drafting_row_verifies_its_draft_and_keeps_the_accepted_run():
     assert len(generation.tokens.logprobs) == 3 and len(generation.top_tokens) == 3
     assert [t.ids[0] for t in generation.top_tokens] == [4, 5, 9]
     assert r.output_ids == [3, 4, 5, 9] and r.num_computed == r.seq_len - 1 == 11 and r.draft == []
-    assert (r.drafter.proposed, r.drafter.accepted, r.drafter.length) == (4, 2, 3)
+    assert (r.drafter.proposed, r.drafter.accepted, r.drafter.rate) == (4, 2, (2 + 1) / (3 + 1))
     assert batch.to_pb(BLOCK).current_tokens == 1
 
 
@@ -210,8 +221,82 @@ def test_rows_that_may_not_draft_and_prefilling_rows_draft_nothing():
 def test_a_step_with_drafts_replays_no_cuda_graph():
     batch = decoding()
     assert plan_decode(batch, (1, 2, 4), BLOCK, width=8) is not None
-    draft_tokens(batch.requests, BLOCK)
+    draft_tokens(batch.requests, BLOCK, LINEAR)
     assert batch.requests[0].draft and plan_decode(batch, (1, 2, 4), BLOCK, width=8) is None
+
+
+def test_drafts_must_pay_for_their_compute_in_a_step_that_size():
+    # A lone stream verifies long drafts where they hold and short ones where they are shaky (a
+    # later token counts only if every one before it did); a large batch only drafts that nearly
+    # always hold.
+    assert LINEAR.best_draft(4, 0.9, 1, 1) == 4 and LINEAR.best_draft(4, 0.6, 1, 1) == 3
+    assert LINEAR.best_draft(4, 0.3, 1, 1) == 1
+    assert LINEAR.best_draft(4, 0.3, 8, 8) == 0 and LINEAR.best_draft(1, 0.7, 31, 31) == 0
+    assert LINEAR.best_draft(1, 0.9, 31, 31) == 1
+    assert LINEAR.best_draft(0, 1.0, 1, 1) == 0  # nothing to verify
+    # The count is the one with the most tokens per unit of time, drafting nothing included.
+    for cost in (LINEAR, BARE, StepCost.measured(SECONDS, floor=LINEAR)):
+        for tokens in (1, 4, 16, 28):
+            for rate in (0.05, 0.2, 0.5, 0.8, 0.95):
+                best = cost.best_draft(4, rate, tokens, tokens)
+                per_cost = [(tokens + sum(rate**i for i in range(1, d + 1))) / cost(tokens + d) for d in range(5)]
+                assert per_cost[best] == max(per_cost) and all(p < per_cost[best] for p in per_cost[:best])
+
+
+def test_a_measured_cost_that_is_not_linear_skips_the_dear_step_sizes():
+    """MKL's fp32 matmul over 2-3 rows costs more than over 4-5 (measured on an AMD EPYC): a lone
+    stream then drafts nothing or enough tokens to reach the cheaper sizes, never one or two."""
+    cost = BARE
+    assert cost(1) == 1.0 and cost(2) == 1.84 and cost(4) == 1.45 and cost(32) == 2.6
+    assert cost(7) == pytest.approx((1.55 + 1.7) / 2) and cost(20) == pytest.approx((2.07 + 2.3) / 2)
+    assert cost.best_draft(1, 0.8, 1, 1) == 0  # 1.8 tokens for 1.84 steps: no
+    assert cost.best_draft(4, 0.5, 1, 1) == 3  # 1.875 tokens for 1.45 steps, not 1.5 for 1.84
+    assert cost.best_draft(4, 0.2, 1, 1) == 0  # open-ended chat: 1.25 tokens for 1.45 steps
+    # A one-token draft after a miss: a linear cost would verify it at 1.12 steps.
+    assert LINEAR.best_draft(1, 0.5, 1, 1) == 1 and cost.best_draft(1, 0.5, 1, 1) == 0
+    # The linear model stays a floor: the table (one sequence, a short context) catches the dear
+    # small steps; a real batch's large step reads many contexts the measurement does not.
+    floored = StepCost.measured(SECONDS, floor=LINEAR)
+    assert floored(2) == 1.84 and floored(6) == LINEAR(6) and floored(32) == LINEAR(32)
+    # Timer noise never makes a larger step look cheaper than a one-token one.
+    assert StepCost.measured([1.0, 0.9, *[1.2] * (len(MEASURED_SIZES) - 2)], floor=StepCost.linear(0.0))(2) == 1.0
+
+
+def test_the_estimate_gates_the_drafts():
+    batch = decoding()
+    (r,) = batch.requests
+    r.drafter.hits, r.drafter.trials = 0.0, 9.0  # rate 0.1: below a one-token draft's break-even (0.12)
+    draft_tokens(batch.requests, BLOCK, LINEAR)
+    assert r.draft == []
+    r.drafter.trials = 4.0  # 0.2
+    draft_tokens(batch.requests, BLOCK, LINEAR)
+    assert r.draft == [4]
+    r.drafter.hits, r.drafter.trials = 8.0, 9.0  # 0.9
+    draft_tokens(batch.requests, BLOCK, LINEAR)
+    assert r.draft == [4, 5, 6, 1]
+
+
+def test_a_request_kept_from_drafting_recovers_and_tries_again():
+    """A low estimate learns nothing while it keeps the request's drafts out: its evidence fades
+    (once its pause has run out) until the request drafts again."""
+    batch = decoding()
+    (r,) = batch.requests
+    r.drafter.hits, r.drafter.trials, r.drafter.pause = 0.0, 9.0, 5  # rate 0.1, after ~10 misses
+    steps = 0
+    while True:
+        r.draft = []
+        draft_tokens(batch.requests, BLOCK, LINEAR)
+        if r.draft:
+            break
+        steps += 1
+        assert r.drafter.trials == 9.0 or r.drafter.pause == 0  # a pause counts down first
+    assert 5 + 10 <= steps <= 5 + 40  # a one-token draft's break-even, 0.12: ~21 steps held
+    # In a 28-token step a draft must hold ~80 % of the time: ~350 steps from there.
+    r.drafter.hits, r.drafter.trials, held = 0.0, 9.0, 0
+    while not LINEAR.best_draft(4, r.drafter.rate, 28, 28):
+        r.drafter.hold()
+        held += 1
+    assert 250 <= held <= 450
 
 
 # --- the option ------------------------------------------------------------------------------
@@ -460,7 +545,7 @@ def _tp_rank(rank: int, world: int, port: int, folder: str, results) -> None:
     engine = Engine(config, model, tp, Path(folder))
     engine.warmup(pb.WarmupRequest(max_batch_total_tokens=1024, max_prefill_tokens=16))
     gens = generations(engine, _tp_requests())
-    results[rank] = {i: [list(g.tokens.ids) for g in gens[i]] for i in gens}
+    results[rank] = ({i: [list(g.tokens.ids) for g in gens[i]] for i in gens}, engine.step_cost.steps)
     dist.destroy_process_group()
 
 
@@ -471,8 +556,9 @@ def _tp_requests() -> list[pb.Request]:
 
 
 def test_tensor_parallel_ranks_draft_alike(tiny, monkeypatch):
-    """Two gloo ranks with --speculate 4: the steps' shapes agree (else their all-reduces would
-    not), and the tokens are a single engine's without speculation."""
+    """Two gloo ranks with --speculate 4: both measured the step cost at warmup and took the
+    same figures, the steps' shapes agree (else their all-reduces would not), and the tokens are
+    a single engine's without speculation."""
     monkeypatch.setattr(tiny.engine, "config", dataclasses.replace(tiny.engine.config, speculate=0))
     expected = {i: token_ids(g) for i, g in generations(tiny.engine, _tp_requests()).items()}
     with socket.socket() as sock:
@@ -481,7 +567,9 @@ def test_tensor_parallel_ranks_draft_alike(tiny, monkeypatch):
     results = mp.Manager().dict()
     mp.start_processes(_tp_rank, args=(2, port, str(tiny.engine.model_path), results), nprocs=2, join=True,
                        start_method="spawn")
-    merged = {i: runs for rank in range(2) for i, runs in results[rank].items()}
-    assert sorted(merged) == [0, 1] and all(i % 2 == rank for rank in range(2) for i in results[rank])
+    costs = [results[rank][1] for rank in range(2)]
+    assert costs[0] == costs[1] and len(costs[0]) == 32
+    merged = {i: runs for rank in range(2) for i, runs in results[rank][0].items()}
+    assert sorted(merged) == [0, 1] and all(i % 2 == rank for rank in range(2) for i in results[rank][0])
     assert {i: [t for run in runs for t in run] for i, runs in merged.items()} == expected
     assert any(len(run) > 1 for run in merged[0])

@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from router.app import create_app
-from router.http import auth, docs
+from router.http import auth, docs, playground
 from router.http.auth import ApiKeys, read_key_file
 from tests.router.app_harness import FakeState, GatedInfer, router_config
 
@@ -17,7 +17,13 @@ FLAG_KEY = "flag-key-0123"
 FILE_KEYS = ("file-key-a", "file-key-b")
 # Written out here, not read from router.app: adding a public path must be a visible decision.
 PUBLIC = {"/health", "/ping", "/info", "/metrics", "/live", "/ready", "/api-doc/openapi.json", "/docs", "/docs/",
-          *(f"/docs/{name}" for name in docs.ASSETS)}
+          *(f"/docs/{name}" for name in docs.ASSETS), *(f"/playground/{name}" for name in playground.ASSETS)}
+# Public to read only: GET / is the playground's page, POST / TGI's compat route (a generation).
+PUBLIC_READS = {"/"}
+
+
+def is_public(method: str, path: str) -> bool:
+    return path in PUBLIC or (path in PUBLIC_READS and method in ("GET", "HEAD"))
 
 
 @pytest.fixture
@@ -75,7 +81,7 @@ def test_api_key_matrix_over_every_route(router_tokenizer, key_file):
         config = router_config(api_key=FLAG_KEY, api_key_file=str(key_file))
         app = create_app(config, FakeState(config, router_tokenizer, GatedInfer(router_tokenizer)))
         targets = {(route.method, concrete(route.resource.canonical)) for route in app.router.routes()}
-        targets |= {("GET", path) for path in PUBLIC}  # concrete docs assets behind /docs/{asset}
+        targets |= {("GET", path) for path in PUBLIC}  # the concrete files behind .../{asset}
         targets |= {("GET", "/no-such-route"), ("POST", "/v1/no-such-route")}
         assert ("POST", "/generate") in targets and ("GET", "/v1/models/x") in targets
         results = {}
@@ -92,7 +98,7 @@ def test_api_key_matrix_over_every_route(router_tokenizer, key_file):
     checked_protected = 0
     for (method, path, case), (status, challenge, body) in results.items():
         where = f"{method} {path} with {case} key: {status} {body[:200]!r}"
-        if path in PUBLIC:
+        if is_public(method, path):
             assert status != 401, where
             continue
         if case in ("none", "wrong"):

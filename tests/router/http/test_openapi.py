@@ -3,11 +3,9 @@ parsers, the error envelopes; and the docs routes (Swagger UI from the swagger-u
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 
@@ -21,6 +19,7 @@ from router.openai.chat_fields import _FUNCTION_NAME, RESPONSE_FORMATS
 from router.openai.requests import parse_chat_request, parse_completion_request
 from router.schemas import _PARAMETER_FIELDS, GRAMMAR_TYPES, GenerateParameters, parse_generate_request
 from router.state import VERSION
+from tests.router.helpers import serve_app
 from tests.router.openai.test_routes import ScriptedInfer, State, config
 
 LIMITS = Limits(
@@ -53,6 +52,12 @@ def test_every_registered_route_is_documented_and_vice_versa():
     documented = {(method.upper(), path) for path, item in DOCUMENT["paths"].items() for method in item}
     assert registered == documented
     assert set(ROUTE_FAMILIES) == set(DOCUMENT["paths"])
+    # --disable-playground: its routes leave the document with it (POST / stays).
+    app = create_app(config(disable_playground=True))
+    registered = {(route.method, route.resource.canonical) for route in app.router.routes() if route.method != "HEAD"}
+    document = build_document(LIMITS, VERSION, tuple(ASSETS), playground=False)
+    assert registered == {(method.upper(), path) for path, item in document["paths"].items() for method in item}
+    assert ("GET", "/") not in registered and ("POST", "/") in registered
 
 
 def test_generate_parameters_are_the_dataclass_fields_the_parser_reads():
@@ -200,16 +205,8 @@ class DocsState(State):
 
 
 def serve(router_tokenizer, scenario, **overrides):
-    async def main():
-        cfg = config(**overrides)
-        client = TestClient(TestServer(create_app(cfg, DocsState(cfg, router_tokenizer))))
-        try:
-            await client.start_server()
-            return await scenario(client)
-        finally:
-            await client.close()
-
-    return asyncio.run(main())
+    cfg = config(**overrides)
+    return serve_app(lambda: create_app(cfg, DocsState(cfg, router_tokenizer)), scenario)
 
 
 def test_docs_page_assets_and_document_are_served_and_public(router_tokenizer):

@@ -10,6 +10,7 @@ import logging
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from router.adapters import Adapters
 from router.app import create_app
 from router.config import RouterConfig
 from router.errors import GenerationError
@@ -39,17 +40,20 @@ class ScriptedInfer(Infer):
     """`stream` plays a script per call: a list of ("token", text) / ("error", message) /
     ("hang", None) steps, or "hang" (never starts). Records which streams were closed before their end."""
 
-    def __init__(self, tokenizer, scripts, permits=8):
+    def __init__(self, tokenizer, scripts, permits=8, adapters: tuple[str, ...] = ()):
         validator = Validator(tokenizer, Limits(max_best_of=2, max_stop_sequences=4, max_top_n_tokens=5,
-                                                          max_input_tokens=1000, max_total_tokens=2048))
+                                                          max_input_tokens=1000, max_total_tokens=2048),
+                              adapters=Adapters("served/model", adapters))
         super().__init__(validator, tokenizer, queue=None, metrics=Metrics(1000, 2048), max_concurrent_requests=permits)
         self.scripts = list(scripts)
         self.cancelled: list[int] = []
         self.started = 0
+        self.adapter_ids: list[str] = []  # each stream's ValidRequest.adapter_id
 
     async def stream(self, valid):
         number = self.started
         self.started += 1
+        self.adapter_ids.append(valid.adapter_id)
         script = self.scripts[number % len(self.scripts)]
         finished = False
         try:
@@ -89,10 +93,10 @@ class State:
         pass
 
 
-def run(router_tokenizer, scripts, scenario, permits=8, **overrides):
+def run(router_tokenizer, scripts, scenario, permits=8, adapters=(), **overrides):
     async def main():
         cfg = config(max_concurrent_requests=permits, **overrides)
-        infer = ScriptedInfer(router_tokenizer, scripts, permits)
+        infer = ScriptedInfer(router_tokenizer, scripts, permits, adapters)
         client = TestClient(TestServer(create_app(cfg, State(cfg, router_tokenizer, infer))))
         try:
             await client.start_server()
@@ -272,3 +276,57 @@ def test_chat_tokenize_applies_the_stop_rule(router_tokenizer):
     status, body = run(router_tokenizer, [[("token", "x")]], scenario)
     assert status == 422 and body == {"error": "Input validation error: `stop` supports up to 4 stop sequences. "
                                                "Given: 5", "error_type": "validation"}
+
+
+ADAPTERS = ("org/sql-lora", "chat")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("model,adapter", [("org/sql-lora", "org/sql-lora"), ("chat", "chat"), ("served/model", ""),
+                                           ("tgi", ""), (None, "")])
+def test_model_field_selects_the_adapter(router_tokenizer, path, model, adapter, caplog):
+    async def scenario(client, infer):
+        body = {"messages": MESSAGES} if path.endswith("chat/completions") else {"prompt": "hi"}
+        if model is not None:
+            body["model"] = model
+        response = await client.post(path, json=body)
+        return response.status, await response.json(), infer.adapter_ids
+
+    with caplog.at_level(logging.INFO, logger="router.app"):
+        status, body, adapter_ids = run(router_tokenizer, [[("token", "x")]], scenario, adapters=ADAPTERS)
+    assert status == 200 and adapter_ids == [adapter]
+    assert body["model"] == (model or "served/model")
+    access = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"POST {path}")]
+    assert len(access) == 1 and (f"adapter={adapter!r}" in access[0]) == bool(adapter), access
+
+
+@pytest.mark.parametrize("adapters,status", [(ADAPTERS, 404), ((), 200)])
+def test_unknown_model_is_404_when_adapters_are_loaded(router_tokenizer, adapters, status):
+    """With adapters loaded, a misspelt one must not silently run the base model; without any, a
+    foreign name (clients send "gpt-4o") runs the served model, as TGI does."""
+    async def scenario(client, infer):
+        response = await client.post("/v1/chat/completions", json={"model": "org/sql-lorra", "messages": MESSAGES})
+        return response.status, await response.json(), infer.adapter_ids
+
+    got, body, adapter_ids = run(router_tokenizer, [[("token", "x")]], scenario, adapters=adapters)
+    assert got == status
+    if status == 404:
+        error = body["error"]
+        assert error["code"] == "model_not_found" and error["param"] == "model" and adapter_ids == []
+        assert "`org/sql-lorra`" in error["message"] and "`org/sql-lora`, `chat`" in error["message"]
+    else:
+        assert adapter_ids == [""]
+
+
+def test_models_lists_the_adapters(router_tokenizer):
+    async def scenario(client, infer):
+        listing = await (await client.get("/v1/models")).json()
+        one = await client.get("/v1/models/org/sql-lora")
+        missing = await client.get("/v1/models/org/other")
+        return listing, one.status, await one.json(), missing.status
+
+    listing, status, card, missing = run(router_tokenizer, [[("token", "x")]], scenario, adapters=ADAPTERS)
+    assert [(m["id"], m.get("parent")) for m in listing["data"]] == [
+        ("served/model", None), ("org/sql-lora", "served/model"), ("chat", "served/model")]
+    assert status == 200 and card["id"] == "org/sql-lora" and card["parent"] == "served/model"
+    assert missing == 404

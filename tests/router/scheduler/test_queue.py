@@ -113,3 +113,21 @@ def test_decoder_input_details_bypasses_the_prefix_cache(make_entry):
     second = make_entry(11, decoder_input_details=True)
     q.append(second)
     assert q.next_batch(min_size=None, max_size=None, prefill_budget=100, token_budget=1000).batch.requests[0].cache_len == 0
+
+
+def test_prefix_cache_is_kept_per_adapter(make_entry):
+    """K/V computed under one LoRA adapter is never reused by another (nor by the base model),
+    and the adapter reaches the shards in the request."""
+    q = queue(prefix=True)
+    first = make_entry(9, adapter_id="a")
+    q.append(first)
+    assert q.next_batch(min_size=None, max_size=None, prefill_budget=100, token_budget=1000).batch.requests[0].adapter_id == "a"
+    q.kv.release(first.allocation, list(first.request.input_ids))
+    hits = {}
+    for adapter in ("", "b", "a"):
+        entry = make_entry(11, adapter_id=adapter)
+        q.append(entry)
+        request = q.next_batch(min_size=None, max_size=None, prefill_budget=100, token_budget=1000).batch.requests[0]
+        hits[adapter] = (request.adapter_id, request.cache_len)
+        q.kv.release(entry.allocation)  # nothing offered to the cache: only `a`'s prompt is there
+    assert hits == {"": ("", 0), "b": ("b", 0), "a": ("a", 8)}

@@ -293,3 +293,25 @@ def test_repeated_hits_do_not_grow_heap_unboundedly():
     assert cache.evict(1) == 1 and alloc.refcount(3) == 0
     assert cache.evict(1) == 1 and alloc.refcount(2) == 0
     assert cache.evict(1) == 1 and alloc.refcount(1) == 0
+
+
+def test_namespaces_never_share_blocks():
+    alloc, cache = make()
+    free = alloc.num_free
+    tokens = list(range(12))
+    blocks = alloc.allocate(3)
+    cache.insert(tokens, blocks, "adapter-a")
+    alloc.free(blocks)
+    assert cache.match(tokens + [99]).num_tokens == 0  # the base model's namespace
+    assert cache.match(tokens + [99], "adapter-b").num_tokens == 0
+    hit = cache.match(tokens + [99], "adapter-a")
+    assert hit.blocks == blocks and hit.num_tokens == 12
+    alloc.free(hit.blocks)
+    # The same tokens in another namespace are new nodes with their own blocks; both stay evictable.
+    other = alloc.allocate(3)
+    cache.insert(tokens, other)
+    alloc.free(other)
+    base = cache.match(tokens + [99])
+    assert cache.num_cached_blocks == 6 and base.blocks == other
+    alloc.free(base.blocks)
+    assert cache.evict(6) == 6 and alloc.num_free == free

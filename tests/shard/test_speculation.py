@@ -536,6 +536,27 @@ def test_seeded_sampled_requests_draft_nothing_and_sample_the_same(tiny, monkeyp
     assert not any(multi_token_steps(g) for g in with_.values())
 
 
+def test_warmup_measures_the_step_cost_on_a_cpu_only_when_speculating(tiny_llama, monkeypatch):
+    measured = []
+    real = StepCost.measured.__func__
+
+    def spy(cls, seconds, floor):
+        measured.append(list(seconds))
+        return real(cls, seconds, floor)
+
+    monkeypatch.setattr(StepCost, "measured", classmethod(spy))
+    for speculate in (0, 4):
+        config = dataclasses.replace(make_config(str(tiny_llama), 4), speculate=speculate)
+        model = get_model(Path(tiny_llama), ModelContext(TPGroup(), config.device, config.dtype, 4))
+        engine = Engine(config, model, TPGroup(), Path(tiny_llama))
+        engine.warmup(pb.WarmupRequest(max_batch_total_tokens=1024, max_prefill_tokens=16))
+        if not speculate:
+            assert not measured and engine.step_cost == LINEAR
+    # One timed forward per size, each a real duration; the engine drafts by what it measured.
+    assert len(measured) == 1 and len(measured[0]) == len(MEASURED_SIZES) and all(t > 0 for t in measured[0])
+    assert engine.step_cost == real(StepCost, measured[0], LINEAR)
+
+
 def _tp_rank(rank: int, world: int, port: int, folder: str, results) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
